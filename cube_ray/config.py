@@ -1,0 +1,141 @@
+"""Typed configs, loaded from and saved to YAML.
+
+Every config is a plain dataclass. `from_dict` rejects unknown keys and wrong types with an error that names
+the source file and the key, so a typo in a YAML file fails before any work starts instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or dict does not match its dataclass."""
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(annotation, type):
+        if annotation is not bool and isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got a bool")
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass `cls` from a dict, checking keys and types; `where` prefixes every error."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; expected some of {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(cls, data, where=str(path))
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+@dataclasses.dataclass
+class FieldMap:
+    """Which input column holds what. Only `question` and `answer` must exist in every row."""
+
+    question: str = "question"
+    answer: str = "answer"
+    id: str = "id"
+    doc_id: str = "doc_id"
+    segment_id: str = "segment_id"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the pairs come from and how they are filtered and split."""
+
+    pairs: str | None = None  # None: the sample bundled with the package
+    eval_pairs: str | None = None  # an explicit eval file; it becomes the eval split as is
+    fields: FieldMap = dataclasses.field(default_factory=FieldMap)
+    limit: int | None = None  # keep only the first N pairs of each file (after reading, before filtering)
+    min_chars: int = 3
+    max_chars: int = 2000
+    split_ratios: dict[str, float] = dataclasses.field(default_factory=lambda: {"train": 0.85, "eval": 0.15})
+    seed: int = 0
+    decontaminate: bool = False  # drop eval rows that collide with train instead of refusing
+
+    def validate(self) -> None:
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            raise ValueError(f"need 0 <= min_chars < max_chars, got {self.min_chars}, {self.max_chars}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+        if "train" not in self.split_ratios:
+            raise ValueError(f"split_ratios must name a 'train' split, got {sorted(self.split_ratios)}")
+        if any(r < 0 for r in self.split_ratios.values()) or abs(sum(self.split_ratios.values()) - 1) > 1e-6:
+            raise ValueError(f"split_ratios must be non-negative and sum to 1, got {self.split_ratios}")

@@ -1,0 +1,43 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of it.
+
+Write to a temporary name in the same folder, fsync, then `os.replace` (atomic on POSIX within a filesystem).
+A crash leaves at worst a `.tmp-*` file that no reader looks at; `remove_stale_tmp` clears those.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path` atomically, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def remove_stale_tmp(folder: str | Path) -> int:
+    """Delete leftovers of interrupted atomic writes in `folder`; returns how many."""
+    n = 0
+    for p in Path(folder).glob(".tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
