@@ -1,0 +1,97 @@
+"""A loaded teacher: text in, one pooled float32 vector per text out.
+
+Loads with `transformers` from a local folder, a Hugging Face id (cached, or downloaded unless HF_HUB_OFFLINE=1)
+or a GGUF file. De-quantising a GGUF file takes tens of seconds, so the converted model is saved once as
+safetensors under the cache folder and later loads (every Ray actor, every run) read that instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cube_ray.teachers.pooling import pool
+from cube_ray.teachers.registry import TeacherError, TeacherSpec
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CUBE_RAY_CACHE", Path.home() / ".cache" / "cube_ray"))
+
+
+def _from_pretrained(cls, spec: TeacherSpec, source, **kwargs):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return cls.from_pretrained(source, revision=spec.revision, **kwargs)
+    except OSError as e:
+        how = (f"download it once with `hf download {source}` (gated models need `hf auth login` first), "
+               f"or set `source:` to a local folder in a YAML file passed with --teacher-config")
+        state = "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if offline else f"it could not be loaded ({e})"
+        raise TeacherError(f"teacher {spec.name!r}: model {str(source)!r} is not available: {state}; {how}") from None
+
+
+def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    gguf = folder / spec.gguf_file
+    if not gguf.exists():
+        raise TeacherError(f"teacher {spec.name!r}: GGUF file {gguf} does not exist")
+    converted = cache_dir() / "teachers" / f"{spec.name}-{spec.fingerprint()}"
+    if (converted / "config.json").exists():
+        return AutoTokenizer.from_pretrained(converted), AutoModel.from_pretrained(converted, dtype=dtype)
+    log.info("teacher %s: de-quantising %s (once; cached in %s)", spec.name, gguf.name, converted)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    model = AutoModel.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype)
+    tmp = converted.with_name(f".tmp-{converted.name}-{os.getpid()}")
+    try:
+        tokenizer.save_pretrained(tmp)
+        # The weights are plain tensors now; transformers only refuses to save because it remembers the GGUF origin.
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tmp.replace(converted) if not converted.exists() else shutil.rmtree(tmp)
+    except OSError as e:  # a read-only or full cache only costs speed next time
+        log.warning("teacher %s: could not cache the converted model: %s", spec.name, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, model
+
+
+class Teacher:
+    """`Teacher(spec).embed(texts)` -> (len(texts), width) float32 array."""
+
+    def __init__(self, spec: TeacherSpec, threads: int | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        dtype = getattr(torch, spec.dtype)
+        source = spec.resolve()
+        if spec.gguf_file:
+            self.tokenizer, self.model = _load_gguf(spec, Path(source), dtype)
+        else:
+            self.tokenizer = _from_pretrained(AutoTokenizer, spec, source)
+            self.model = _from_pretrained(AutoModel, spec, source, dtype=dtype)
+        self.model.eval()
+        if self.tokenizer.pad_token is None:  # decoders ship without one; the mask makes its value irrelevant
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.width = int(self.model.config.hidden_size)
+        if spec.width is not None and spec.width != self.width:
+            raise TeacherError(f"teacher {spec.name!r}: spec says width {spec.width}, but the model's hidden size is {self.width}")
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt")
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            vec = pool(hidden.float(), enc["attention_mask"], self.spec.pooling)
+            if self.spec.normalize:
+                vec = torch.nn.functional.normalize(vec, dim=-1)
+            out.append(vec.numpy())
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.width), np.float32)

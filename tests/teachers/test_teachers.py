@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from cube_ray.config import ConfigError
+from cube_ray.teachers import Teacher, TeacherError, get_teacher, load_registry
+from cube_ray.teachers.pooling import pool
+from cube_ray.teachers.registry import TeacherSpec
+from tests.conftest import make_tiny_teacher
+
+TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.", "Short."]
+
+
+def test_pooling_is_mask_aware_under_left_and_right_padding():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # token t of row b holds 4b + t
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert pool(hidden, right, "mean").flatten().tolist() == [1.0, 4.5]
+    assert pool(hidden, right, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pool(hidden, right, "last").flatten().tolist() == [2.0, 5.0]
+    assert pool(hidden, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, left, "cls").flatten().tolist() == [1.0, 6.0]
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        pool(hidden, right, "max")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "distilbert"])
+def test_tiny_family_loads_by_the_real_code_path(tmp_path, family):
+    spec = make_tiny_teacher(tmp_path / family, family)
+    teacher = Teacher(spec)
+    emb = teacher.embed(TEXTS, batch_size=2)
+    assert emb.shape == (3, 32) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    # Padding must not change a text's embedding: alone or in a batch with longer texts, the same vector.
+    np.testing.assert_allclose(teacher.embed(TEXTS[2:]), emb[2:], atol=1e-5)
+
+
+def test_width_mismatch_is_an_error(tmp_path):
+    spec = make_tiny_teacher(tmp_path / "m", "llama")
+    spec.width = 64
+    with pytest.raises(TeacherError, match="spec says width 64, but the model's hidden size is 32"):
+        Teacher(spec)
+
+
+def test_minilm_is_real_and_semantic():
+    teacher = Teacher(get_teacher("minilm"))
+    emb = teacher.embed(["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."])
+    assert emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)  # normalised like sentence-transformers
+    assert emb[0] @ emb[1] > 0.6 > 0.2 > emb[0] @ emb[2]
+
+
+def test_smollm2_loads_from_gguf():
+    teacher = Teacher(get_teacher("smollm2"))
+    emb = teacher.embed(TEXTS)
+    assert emb.shape == (3, 576) and np.isfinite(emb).all()
+    assert type(teacher.model).__name__ == "LlamaModel"
+
+
+def test_unknown_teacher_lists_known_ones():
+    with pytest.raises(TeacherError, match=r"unknown teacher 'gpt5'; known: .*minilm.*smollm2"):
+        get_teacher("gpt5")
+
+
+def test_missing_local_path_says_how_to_fix(tmp_path):
+    spec = TeacherSpec(name="mine", family="llama", source=str(tmp_path / "no-such-model"))
+    with pytest.raises(TeacherError, match=r"teacher 'mine': local model folder .*no-such-model' does not exist"):
+        Teacher(spec)
+
+
+def test_uncached_hub_model_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(TeacherError, match=r"teacher 'mistral-7b': model 'mistralai/Mistral-7B-v0.1' is not available: "
+                                           r"HF_HUB_OFFLINE=1 .*hf download mistralai/Mistral-7B-v0.1"):
+        Teacher(get_teacher("mistral-7b"))
+
+
+def test_user_teachers_from_yaml(tmp_path):
+    model = make_tiny_teacher(tmp_path / "tiny", "distilbert")
+    cfg = tmp_path / "teachers.yaml"
+    cfg.write_text(f"my-bert:\n  family: distilbert\n  source: {model.source}\n  pooling: mean\n  width: 32\n")
+    registry = load_registry(cfg)
+    assert {"minilm", "smollm2", "llama3-8b", "mistral-7b", "distilbert-base", "my-bert"} <= set(registry)
+    assert Teacher(registry["my-bert"]).embed(TEXTS).shape == (3, 32)
+    cfg.write_text("bad:\n  family: gpt\n  source: x\n")
+    with pytest.raises(ConfigError, match=r"teachers.yaml: teacher 'bad'.family: expected one of"):
+        load_registry(cfg)
+
+
+def test_fingerprint_tracks_what_changes_embeddings():
+    a = get_teacher("minilm")
+    b = TeacherSpec(**{**a.__dict__, "name": "renamed"})
+    c = TeacherSpec(**{**a.__dict__, "max_length": 128})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
