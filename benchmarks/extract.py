@@ -1,0 +1,78 @@
+"""Extraction throughput: the Ray Data pipeline against a bare `transformers` loop, and the cached re-run.
+
+    python benchmarks/extract.py [--minilm-texts 1500] [--smollm2-texts 300] [--seed 0]
+
+Both sides embed the same texts (the bundled sample's unique texts, in the store's length order) with the same
+model, batch size (32), max length and 2 torch threads, and both are timed from model load to the last vector,
+so Ray's own costs (actor start, scheduling, Parquet writes) are inside the ratio. Prints a table and writes
+results/bench_extract.json. Target: Ray >= 0.9x the bare loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cube_ray.config import DataConfig
+from cube_ray.data.prepare import prepare
+from cube_ray.extract import extract_teacher
+from cube_ray.store import EmbeddingStore, shard_order
+from cube_ray.teachers import Teacher, get_teacher
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def bare_loop(name: str, texts: list[str], threads: int) -> float:
+    start = time.perf_counter()
+    Teacher(get_teacher(name), threads=threads).embed(texts, batch_size=32)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    import ray
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minilm-texts", type=int, default=1500)
+    p.add_argument("--smollm2-texts", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    threads = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare(DataConfig(seed=args.seed), tmp)
+        all_texts = shard_order(prepared.unique_texts())
+        ray.init(num_cpus=threads, include_dashboard=False, logging_level="ERROR")
+        Teacher(get_teacher("smollm2"))  # convert the GGUF file once, outside both timings
+        rows = []
+        for name, n in (("minilm", args.minilm_texts), ("smollm2", args.smollm2_texts)):
+            # An even spread over lengths, so a short run sees the same mix of lengths as a full one.
+            texts = all_texts[:: max(1, len(all_texts) // n)][:n]
+            bare = bare_loop(name, texts, threads)
+            store = EmbeddingStore(Path(tmp) / name)
+            start = time.perf_counter()
+            extract_teacher(texts, get_teacher(name), store, concurrency=1)
+            piped = time.perf_counter() - start
+            start = time.perf_counter()
+            cached = extract_teacher(texts, get_teacher(name), store)
+            assert cached.cached
+            rows.append({"teacher": name, "texts": len(texts), "bare_texts_per_s": len(texts) / bare,
+                         "ray_texts_per_s": len(texts) / piped, "ratio": bare / piped,
+                         "cached_rerun_s": time.perf_counter() - start})
+        ray.shutdown()
+    print(f"\n{'teacher':<8} {'texts':>6} {'bare t/s':>9} {'ray t/s':>8} {'ray/bare':>9} {'cached s':>9}")
+    for r in rows:
+        print(f"{r['teacher']:<8} {r['texts']:>6} {r['bare_texts_per_s']:>9.1f} {r['ray_texts_per_s']:>8.1f} "
+              f"{r['ratio']:>9.2f} {r['cached_rerun_s']:>9.3f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "extract", "threads": threads, "batch_size": 32, "torch": torch.__version__,
+           "cpu": platform.processor() or platform.machine(), "rows": rows, "target_ratio": 0.9}
+    (RESULTS / "bench_extract.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS / 'bench_extract.json'}")
+
+
+if __name__ == "__main__":
+    main()

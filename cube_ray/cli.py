@@ -1,0 +1,48 @@
+"""Arguments and start-up shared by the command-line entry points (extract, train, tune, evaluate)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from cube_ray.config import DataConfig
+from cube_ray.teachers.model import cache_dir
+
+
+def default_store() -> str:
+    return os.environ.get("CUBE_RAY_STORE", str(cache_dir() / "store"))
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", help="question/answer pairs: .jsonl, .csv, .tsv or .parquet, optionally .gz (default: the bundled SQuAD sample)")
+    p.add_argument("--eval-pairs", help="an explicit eval file; it becomes the eval split as is")
+    p.add_argument("--limit", type=int, help="keep only the first N pairs of each file")
+    p.add_argument("--decontaminate", action="store_true",
+                   help="drop eval pairs whose text also occurs in train (recorded in the manifest) instead of refusing")
+    p.add_argument("--teacher-config", help="a YAML file of extra teacher specs (name -> fields, as in teachers/builtin.yaml)")
+    p.add_argument("--store", default=default_store(), help="embedding store folder (default: %(default)s; env CUBE_RAY_STORE)")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: a local one)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the document split (and everything else downstream)")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    cfg = DataConfig(pairs=args.pairs, eval_pairs=args.eval_pairs, limit=args.limit, seed=args.seed,
+                     decontaminate=args.decontaminate)
+    cfg.validate()
+    return cfg
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def init_ray(address: str | None = None) -> None:
+    """Start (or join) Ray once, and say where its dashboard is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ctx = ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=None,
+                   logging_level=logging.WARNING)
+    url = getattr(ctx, "dashboard_url", None)
+    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)

@@ -1,0 +1,161 @@
+"""The fingerprinted Parquet embedding store.
+
+Layout under the store root:
+
+    datasets/<dataset_id>/manifest.json, train.parquet, eval.parquet   (see cube_ray.data.prepare)
+    embeddings/<teacher>/<fingerprint>/part-00000.parquet …            one file per shard of texts
+    embeddings/<teacher>/<fingerprint>/entry.json                      written last: the entry is complete
+
+An entry holds one teacher's embeddings of one set of unique texts. Its fingerprint covers the texts (content
+hash), the teacher spec (source, pooling, max length, dtype, …) and the shard size, so a second extraction of the
+same data with the same teacher finds the entry and does no model work. Texts are sorted by length before
+sharding: a shard's texts have similar lengths, which keeps padding (wasted teacher compute) small.
+
+Shard schema: `text_id` (string, sha256 of the text, 32 hex), `text` (string), `embedding`
+(fixed_size_list<float32>[width]). Each shard file is written atomically, so after a crash a shard is either
+complete or absent, and a resumed extraction redoes only the missing ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from cube_ray.fsutil import atomic_path, atomic_write_text
+from cube_ray.teachers.registry import TeacherSpec
+
+STORE_VERSION = 1
+SHARD_SIZE = 256
+
+
+class EmbeddingError(ValueError):
+    """Embeddings that are missing, of the wrong width, not finite, or zero."""
+
+
+def text_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def shard_order(texts: list[str]) -> list[str]:
+    """Unique texts in the order they are sharded: by length, then by content (deterministic)."""
+    return sorted(set(texts), key=lambda t: (len(t), t))
+
+
+def shard_schema(width: int) -> pa.Schema:
+    return pa.schema([("text_id", pa.string()), ("text", pa.string()), ("embedding", pa.list_(pa.float32(), width))])
+
+
+def check_embeddings(emb: np.ndarray, width: int, teacher: str, texts: list[str], first_row: int = 0) -> None:
+    """Raise EmbeddingError naming the teacher and the first bad row unless `emb` is (len(texts), width),
+    finite and of non-zero norm."""
+    if emb.ndim != 2 or emb.shape != (len(texts), width):
+        raise EmbeddingError(f"teacher {teacher!r}: expected embeddings of shape ({len(texts)}, {width}), got {emb.shape}")
+    bad_finite = ~np.isfinite(emb).all(axis=1)
+    bad_zero = np.linalg.norm(np.nan_to_num(emb), axis=1) == 0
+    for what, bad in (("non-finite (NaN or inf)", bad_finite), ("zero-norm", bad_zero)):
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise EmbeddingError(f"teacher {teacher!r}: {int(bad.sum())} {what} embedding(s); first at text row "
+                                 f"{first_row + i}: {texts[i][:80]!r}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One teacher's embeddings of one set of texts."""
+
+    dir: Path
+    spec: TeacherSpec
+    data_hash: str
+    n_texts: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_texts // SHARD_SIZE)
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "entry.json").exists()
+
+    def shard_path(self, i: int) -> Path:
+        return self.dir / f"part-{i:05d}.parquet"
+
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(self.n_shards) if not self.shard_path(i).exists()]
+
+    def write_shard(self, i: int, texts: list[str], emb: np.ndarray) -> None:
+        table = pa.Table.from_arrays(
+            [pa.array([text_id(t) for t in texts]), pa.array(texts),
+             pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])],
+            schema=shard_schema(emb.shape[1]))
+        with atomic_path(self.shard_path(i)) as tmp:
+            pq.write_table(table, tmp)
+
+    def finish(self, width: int, seconds: float) -> None:
+        info = {"version": STORE_VERSION, "teacher": self.spec.__dict__, "data_hash": self.data_hash,
+                "texts": self.n_texts, "width": width, "shards": self.n_shards, "shard_size": SHARD_SIZE,
+                "extract_seconds": round(seconds, 2)}
+        atomic_write_text(self.dir / "entry.json", json.dumps(info, indent=1) + "\n")
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.dir / "entry.json").read_text())
+
+    def lookup(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of `texts` (any order, repeats allowed), reading only the rows asked for."""
+        ids = [text_id(t) for t in texts]
+        wanted = pa.array(sorted(set(ids)))
+        table = pads.dataset(sorted(self.dir.glob("part-*.parquet")), format="parquet").to_table(
+            columns=["text_id", "embedding"], filter=pc.field("text_id").isin(wanted))
+        width = table.schema.field("embedding").type.list_size
+        emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
+        row = {tid: i for i, tid in enumerate(table.column("text_id").to_pylist())}
+        missing = [t for t, tid in zip(texts, ids) if tid not in row]
+        if missing:
+            raise EmbeddingError(f"{self.dir}: {len(missing)} text(s) have no embedding in this entry, e.g. {missing[0][:80]!r}")
+        out = emb[[row[tid] for tid in ids]]
+        check_embeddings(out, width, self.spec.name, texts)
+        return out
+
+
+class EmbeddingStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def entry(self, spec: TeacherSpec, texts: list[str]) -> Entry:
+        """The entry for `spec` over the unique `texts` (already in shard order), complete or not."""
+        data_hash = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+        key = json.dumps([STORE_VERSION, SHARD_SIZE, data_hash, spec.fingerprint()])
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return Entry(self.root / "embeddings" / spec.name / fingerprint, spec, data_hash, len(texts))
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.root / "datasets" / dataset_id
+
+
+def split_embeddings(dataset_dir: str | Path, split: str, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+    """Question and answer embeddings of one split, row-aligned with `<dataset_dir>/<split>.parquet`."""
+    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["question", "answer"])
+    return entry.lookup(table.column("question").to_pylist()), entry.lookup(table.column("answer").to_pylist())
+
+
+def _attach_embeddings(batch: dict, entries: dict[str, Entry]) -> dict:
+    for name, entry in entries.items():
+        batch[f"q_{name}"] = entry.lookup(list(batch["question"]))
+        batch[f"a_{name}"] = entry.lookup(list(batch["answer"]))
+    return batch
+
+
+def pairs_dataset(dataset_dir: str | Path, split: str, entries: dict[str, Entry], batch_size: int = 1024):
+    """A Ray Dataset of one split with columns id, doc_id, question, answer and, per teacher, `q_<teacher>` and
+    `a_<teacher>` embedding tensors. It streams: neither the driver nor any worker holds the whole store."""
+    import ray.data
+
+    ds = ray.data.read_parquet(str(Path(dataset_dir) / f"{split}.parquet"))
+    return ds.map_batches(_attach_embeddings, fn_kwargs={"entries": entries}, batch_size=batch_size, batch_format="numpy")

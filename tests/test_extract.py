@@ -1,0 +1,91 @@
+"""Extraction end to end on a real local Ray, with the real all-MiniLM-L6-v2 teacher and real Parquet files."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cube_ray.config import DataConfig
+from cube_ray.data.prepare import prepare
+from cube_ray.extract import extract_teacher, main
+from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, pairs_dataset, shard_order, split_embeddings
+from cube_ray.teachers import Teacher, get_teacher
+from tests.conftest import make_tiny_teacher, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("store")
+    prepared = prepare(DataConfig(limit=150), root)
+    assert len(prepared.unique_texts()) > SHARD_SIZE  # at least two shards, so resume has something to skip
+    return prepared, EmbeddingStore(root)
+
+
+def test_extract_then_cache_hit(sample):
+    prepared, store = sample
+    texts = prepared.unique_texts()
+    first = extract_teacher(texts, get_teacher("minilm"), store)
+    assert not first.cached and first.embedded == first.texts == len(texts) and first.entry.complete
+    files = sorted(first.entry.dir.glob("part-*.parquet"))
+    assert len(files) == first.entry.n_shards == -(-len(texts) // SHARD_SIZE)
+    schema = pq.read_schema(files[0])
+    assert schema.names == ["text_id", "text", "embedding"]
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert sum(pq.read_metadata(f).num_rows for f in files) == len(texts)
+
+    again = extract_teacher(list(reversed(texts)), get_teacher("minilm"), store)  # same set, other order
+    assert again.cached and again.embedded == 0 and again.entry.dir == first.entry.dir
+
+
+def test_split_api_is_aligned_with_direct_embedding(sample):
+    prepared, store = sample
+    entry = store.entry(get_teacher("minilm"), shard_order(prepared.unique_texts()))
+    q, a = split_embeddings(prepared.dir, "eval", entry)
+    pairs = prepared.splits["eval"]
+    assert q.shape == a.shape == (len(pairs), 384)
+    direct = Teacher(get_teacher("minilm")).embed([pairs[5].question, pairs[5].answer])
+    np.testing.assert_allclose(np.stack([q[5], a[5]]), direct, atol=1e-4)
+
+    ds = pairs_dataset(prepared.dir, "eval", {"minilm": entry}, batch_size=64)
+    rows = ds.take_all()
+    assert [r["id"] for r in rows] == [p.id for p in pairs]
+    np.testing.assert_array_equal(np.stack([r["q_minilm"] for r in rows]), q)
+    np.testing.assert_array_equal(np.stack([r["a_minilm"] for r in rows]), a)
+
+
+def test_interrupted_extraction_resumes_missing_shards_only(sample):
+    prepared, store = sample
+    spec = get_teacher("minilm")
+    entry = store.entry(spec, shard_order(prepared.unique_texts()))
+    before = pq.read_table(entry.shard_path(1))
+    # What a crash leaves: a missing shard, a half-written temporary file, and no entry.json.
+    entry.shard_path(1).unlink()
+    (entry.dir / "entry.json").unlink()
+    (entry.dir / ".tmp-part-00001.parquet.x").write_bytes(b"PAR1 half")
+    result = extract_teacher(prepared.unique_texts(), spec, store)
+    assert not result.cached and result.embedded == pq.read_metadata(entry.shard_path(1)).num_rows
+    assert not list(entry.dir.glob(".tmp-*")) and entry.complete
+    after = pq.read_table(entry.shard_path(1))
+    assert after.column("text_id").equals(before.column("text_id"))
+    np.testing.assert_allclose(np.stack(after.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(before.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-5)
+
+
+def test_nan_embedding_is_caught_and_good_shards_are_kept(tmp_path, ray_local):
+    spec = make_tiny_teacher(tmp_path / "model", "distilbert", poison_token="volcano")
+    texts = [f"Question number {i} about cubes and lattices?" for i in range(SHARD_SIZE + 20)]
+    texts[-1] = "Is the volcano active, and how many cubes and lattices are inside it?"  # the longest texts sort last: this lands in the second shard
+    store = EmbeddingStore(tmp_path / "store")
+    with pytest.raises(EmbeddingError, match=r"teacher 'tiny-distilbert': 1 non-finite \(NaN or inf\) embedding\(s\); "
+                                             r"first at text row \d+: .Is the volcano active, and"):
+        extract_teacher(texts, spec, store)
+    entry = store.entry(spec, shard_order(texts))
+    assert entry.missing_shards() == [1] and not entry.complete  # shard 0 kept; nothing reads as complete
+
+
+def test_cli_prints_summary(tmp_path, ray_local, capsys):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"doc_id": f"d{i % 7}", "question": f"What is item {i}?",
+                                                "answer": f"Item {i} is a cube of side {i}."} for i in range(40)])
+    assert main(["--pairs", str(pairs), "--teachers", "minilm", "--store", str(tmp_path / "s"), "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "80 unique texts" in out
+    assert "minilm       384      80 extracted" in out
