@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from cube_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cube_ray.teachers import get_teacher
+
+
+def _save(path, value=1.0):
+    weights = {"w": torch.full((3, 2), value), "centre.minilm": torch.arange(4.0)}
+    return save_checkpoint(path, weights, {"cube": {"dims": [4, 4, 4]}}, {"minilm": get_teacher("minilm")},
+                           {"dataset_id": "abc"}, state={"epoch": 3, "rng": torch.get_rng_state()})
+
+
+def test_round_trip(tmp_path):
+    ck = load_checkpoint(_save(tmp_path / "ck"))
+    assert torch.equal(ck.weights["w"], torch.ones(3, 2)) and ck.config == {"cube": {"dims": [4, 4, 4]}}
+    assert ck.teachers["minilm"] == get_teacher("minilm") and ck.data == {"dataset_id": "abc"}
+    assert ck.state["epoch"] == 3
+
+
+def test_overwrite_is_whole(tmp_path):
+    _save(tmp_path / "ck", 1.0)
+    _save(tmp_path / "ck", 2.0)
+    assert torch.equal(load_checkpoint(tmp_path / "ck").weights["w"], torch.full((3, 2), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary or old folders left behind
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:40]), r"model.safetensors: corrupt"),
+    (lambda d: (d / "config.yaml").write_text("cube: {dims: [9, 9, 9]}\n"), r"config.yaml: corrupt"),
+    (lambda d: (d / "state.pt").unlink(), r"state.pt: missing from the checkpoint"),
+    (lambda d: (d / "checkpoint.json").write_text("{not json"), r"checkpoint.json: corrupt"),
+    (lambda d: (d / "checkpoint.json").unlink(), r"checkpoint.json: missing; .* is not a complete cube_ray checkpoint"),
+])
+def test_damaged_checkpoint_names_the_file(tmp_path, damage, message):
+    path = _save(tmp_path / "ck")
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
