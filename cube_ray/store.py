@@ -138,6 +138,26 @@ class EmbeddingStore:
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.root / "datasets" / dataset_id
 
+    def dataset_entry(self, dataset_id: str, spec: TeacherSpec) -> Entry:
+        """The complete entry holding `spec`'s embeddings of every text of a prepared dataset."""
+        folder = self.dataset_dir(dataset_id)
+        if not (folder / "manifest.json").exists():
+            raise EmbeddingError(f"{folder}: no prepared dataset {dataset_id!r} in store {self.root}")
+        entry = self.entry(spec, dataset_texts(folder))
+        if not entry.complete:
+            raise EmbeddingError(f"store {self.root} has no complete {spec.name!r} embeddings of dataset {dataset_id}; "
+                                 f"run `python -m cube_ray.extract --teachers {spec.name} --store {self.root}` with the same data")
+        return entry
+
+
+def dataset_texts(dataset_dir: str | Path) -> list[str]:
+    """The unique question and answer texts of every split of a prepared dataset, in shard order."""
+    texts: set[str] = set()
+    for table in sorted(Path(dataset_dir).glob("*.parquet")):
+        t = pq.read_table(table, columns=["question", "answer"])
+        texts.update(t.column("question").to_pylist(), t.column("answer").to_pylist())
+    return shard_order(list(texts))
+
 
 def split_embeddings(dataset_dir: str | Path, split: str, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
     """Question and answer embeddings of one split, row-aligned with `<dataset_dir>/<split>.parquet`."""

@@ -6,6 +6,7 @@ safetensors under the cache folder and later loads (every Ray actor, every run) 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -41,7 +42,8 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
     gguf = folder / spec.gguf_file
     if not gguf.exists():
         raise TeacherError(f"teacher {spec.name!r}: GGUF file {gguf} does not exist")
-    converted = cache_dir() / "teachers" / f"{spec.name}-{spec.fingerprint()}"
+    key = hashlib.sha256(f"{gguf.resolve()}|{gguf.stat().st_size}|{spec.dtype}".encode()).hexdigest()[:12]
+    converted = cache_dir() / "teachers" / f"{gguf.stem}-{key}"  # shared by specs that differ only after loading
     if (converted / "config.json").exists():
         return AutoTokenizer.from_pretrained(converted), AutoModel.from_pretrained(converted, dtype=dtype)
     log.info("teacher %s: de-quantising %s (once; cached in %s)", spec.name, gguf.name, converted)
@@ -77,6 +79,8 @@ class Teacher:
             self.tokenizer = _from_pretrained(AutoTokenizer, spec, source)
             self.model = _from_pretrained(AutoModel, spec, source, dtype=dtype)
         self.model.eval()
+        if spec.int8:  # weights int8, activations quantised on the fly: faster Linear layers on CPU
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         if self.tokenizer.pad_token is None:  # decoders ship without one; the mask makes its value irrelevant
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.width = int(self.model.config.hidden_size)

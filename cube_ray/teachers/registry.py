@@ -30,6 +30,7 @@ class TeacherSpec:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gguf_file: str | None = None  # a GGUF file inside the source folder
     normalize: bool = False  # L2-normalise the pooled vector
+    int8: bool = False  # dynamic int8 quantisation of the Linear layers (CPU extraction speed)
     revision: str | None = None  # a Hugging Face revision (commit, tag or branch)
 
     def validate(self) -> None:
