@@ -1,0 +1,54 @@
+"""The cube written the obvious way: channels-first (B, C, D, H, W), one conv3d call per operation.
+
+It computes the same function as `Cube`, on the same parameters, and exists to check it (tests compare outputs
+and gradients) and to time it (benchmarks/cube.py reports the speed-up as measured, not assumed).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cube_ray.model.cube import Cube, GlobalAttention, update_mask
+
+
+def _attend(attn: GlobalAttention, x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Every cell attends to the block means of the lattice; x (B, C, D, H, W) -> (B, C, D, H, W)."""
+    b, c = x.shape[:2]
+    h, dh = attn.heads, c // attn.heads
+    tokens = F.adaptive_avg_pool3d(x, grid).flatten(2)  # (B, C, T)
+    q = torch.einsum("oc,bcn->bon", attn.query.weight, x.flatten(2)).view(b, h, dh, -1)
+    kv = torch.einsum("oc,bct->bot", attn.key_value.weight, tokens)
+    k, v = kv[:, :c].reshape(b, h, dh, -1), kv[:, c:].reshape(b, h, dh, -1)
+    weights = torch.softmax(torch.einsum("bhdn,bhdt->bhnt", q, k) / dh**0.5, dim=-1)
+    return torch.einsum("bhnt,bhdt->bhdn", weights, v).reshape(x.shape)
+
+
+class ReferenceCube(nn.Module):
+    """Same `run(u, steps)` interface and parameters as the `Cube` it wraps, computed with plain conv3d."""
+
+    def __init__(self, cube: Cube):
+        super().__init__()
+        self.cube = cube
+
+    def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+        cfg = self.cube.cfg
+        b, n, c = u.shape
+        as_volume = lambda t: t.view(b, *cfg.dims, -1).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
+        u5 = as_volume(u)
+        x = u5
+        for i in range(steps):
+            rule = self.cube.rules[i % len(self.cube.rules)]
+            features = [x, F.conv3d(x, rule.neighbours, padding=1, groups=c)]
+            if rule.attend is not None:
+                features.append(_attend(rule.attend, x, cfg.attention_grid))
+            if rule.skip_input:
+                features.append(u5)
+            h = F.relu(F.conv3d(torch.cat(features, 1), rule.w1.weight[..., None, None, None], rule.w1.bias))
+            delta = F.conv3d(h, rule.w2.weight[..., None, None, None], rule.w2.bias)
+            if self.training and cfg.update_prob < 1:
+                delta = delta * as_volume(update_mask(b, n, cfg.update_prob, u.device))
+            x = (x + delta).clamp(-cfg.state_bound, cfg.state_bound)
+            yield x.permute(0, 2, 3, 4, 1).reshape(b, n, c)

@@ -1,0 +1,82 @@
+"""The multi-teacher student: one shared cube (with its halting head), one adapter pair per teacher.
+
+`student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space. The training
+loop weights the per-teacher losses by `student.weights()`: fixed, uniform, or adaptive, where
+`update_weights(val_errors)` (called once per epoch) sets w_t = softmax(-error_t / temperature), so the teachers
+the student currently matches best weigh most. The weights are a buffer, so they are saved in checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from cube_ray.model.adapters import Adapter, build_adapter
+from cube_ray.model.config import AdapterConfig, CubeConfig, WeightingConfig
+from cube_ray.model.cube import count_cost
+from cube_ray.model.halting import PonderCube, Pondered
+
+
+class Student(nn.Module):
+    def __init__(self, cube: CubeConfig, adapter: AdapterConfig, teachers: dict[str, int],
+                 weighting: WeightingConfig | None = None):
+        super().__init__()
+        weighting = weighting or WeightingConfig()
+        if not teachers:
+            raise ValueError("a student needs at least one teacher")
+        if bad := [name for name in teachers if "." in name or not name]:
+            raise ValueError(f"teacher names must be non-empty and contain no '.', got {bad}")
+        if weighting.mode == "fixed" and (missing := sorted(set(teachers) - set(weighting.weights))):
+            raise ValueError(f"fixed teacher weighting has no weight for {missing}")
+        self.cfg, self.weighting, self.teachers = cube, weighting, list(teachers)
+        self.core = PonderCube(cube)
+        self.adapters = nn.ModuleDict({name: build_adapter(width, cube, adapter) for name, width in teachers.items()})
+        # skip_linear: a direct linear path input -> prediction, zero at first, so the cube learns the residual.
+        self.bypass = nn.ModuleDict({name: nn.Linear(width, width, bias=False) for name, width in teachers.items()}) \
+            if cube.skip_linear else None
+        if self.bypass is not None:
+            for layer in self.bypass.values():
+                nn.init.zeros_(layer.weight)
+        initial = [weighting.weights[t] if weighting.mode == "fixed" else 1.0 for t in self.teachers]
+        self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
+
+    def forward(self, x: torch.Tensor, teacher: str, *, timeout: float | None = None, keep_steps: bool = False,
+                all_steps: bool | None = None, max_steps: int | None = None) -> Pondered:
+        """x (B, width of `teacher`) -> Pondered with output (B, width): the prediction in that teacher's space.
+
+        Training (or all_steps=True): the halting-weighted expectation over all steps. Otherwise each sample
+        halts by the gate, at max_steps, or when `timeout` seconds have passed (then timed_out is True).
+        keep_steps: also return each step's prediction; max_steps: a lower step cap for this call.
+        """
+        if teacher not in self.adapters:
+            raise KeyError(f"unknown teacher {teacher!r}; this student knows {self.teachers}")
+        adapter = self.adapters[teacher]
+        run = self.core(adapter.to_lattice(x), adapter.read, timeout=timeout, keep_steps=keep_steps,
+                        all_steps=all_steps, max_steps=max_steps)
+        steps = None if run.step_outputs is None else [self._predict(adapter, teacher, f, x) for f in run.step_outputs]
+        return dataclasses.replace(run, output=self._predict(adapter, teacher, run.output, x), step_outputs=steps)
+
+    def _predict(self, adapter: Adapter, teacher: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        pred = adapter.decode(field)
+        return pred if self.bypass is None else pred + self.bypass[teacher](x)
+
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.teachers, self.teacher_weights.tolist()))
+
+    def update_weights(self, val_errors: dict[str, float]) -> dict[str, float]:
+        """Adaptive weighting: w = softmax(-error / temperature) over the teachers (e.g. error = 1 - val cosine).
+
+        The other modes keep their weights. Returns the current weights.
+        """
+        if self.weighting.mode == "adaptive":
+            if missing := sorted(set(self.teachers) - set(val_errors)):
+                raise ValueError(f"update_weights needs a validation error for every teacher, missing {missing}")
+            errors = torch.tensor([float(val_errors[t]) for t in self.teachers])
+            self.teacher_weights.copy_(torch.softmax(-errors / self.weighting.temperature, dim=0))
+        return self.weights()
+
+    def cost(self, teacher: str) -> dict[str, int]:
+        """Parameters (whole student) and forward FLOPs per sample for `teacher`, running all max_steps."""
+        x = torch.zeros(1, self.adapters[teacher].width, device=self.teacher_weights.device)
+        return count_cost(self, lambda: self(x, teacher, all_steps=True), 1)

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from cube_ray.losses import CombinedLoss
+from cube_ray.model import AdapterConfig, CubeConfig, LossConfig, Student, WeightingConfig
+
+TEACHERS = {"minilm": 384, "smollm2": 576}
+
+
+@pytest.mark.parametrize("dims", [[8, 8, 12], [6, 8, 16], [4, 4, 4]])
+def test_forward_in_each_teacher_space(dims):
+    student = Student(CubeConfig(dims=dims, max_steps=3), AdapterConfig(), TEACHERS)
+    for name, width in TEACHERS.items():
+        run = student(torch.randn(2, width), name)
+        assert run.output.shape == (2, width)
+        assert run.expected_steps.shape == (2,) and run.halt_probs.shape == (2, 3)
+    student.eval()
+    run = student(torch.randn(2, 384), "minilm", timeout=0.0)
+    assert run.timed_out and run.output.shape == (2, 384) and torch.all(run.steps_run == 1)
+    with pytest.raises(KeyError, match="unknown teacher"):
+        student(torch.randn(2, 384), "llama")
+
+
+@pytest.mark.parametrize("cube, adapter", [
+    (dict(), dict()),
+    (dict(dims=[4, 4, 4], attention=True, skip_input=True, skip_linear=True, layers=2), dict(strategy="hierarchical")),
+    (dict(dims=[4, 4, 4]), dict(strategy="attention_based", io="volume", out="volume")),
+    (dict(dims=[4, 4, 4]), dict(strategy="autoencoder", out="volume")),
+])
+def test_gradients_reach_every_parameter(cube, adapter):
+    """The last layers start at zero, so some gradients appear only after a first update: take three steps."""
+    torch.manual_seed(0)
+    student = Student(CubeConfig(**cube), AdapterConfig(**adapter), TEACHERS)
+    loss = CombinedLoss(LossConfig(cosine=1.0, think=0.01))
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    reached = {name: False for name, _ in student.named_parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        for name, width in TEACHERS.items():
+            x = torch.randn(4, width)
+            run = student(x, name)
+            loss(run.output, x.roll(1, 0), expected_steps=run.expected_steps)[0].backward()
+        for n, p in student.named_parameters():
+            reached[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+        opt.step()
+    assert [n for n, ok in reached.items() if not ok] == []
+
+
+def test_skip_linear_starts_as_the_cube_alone():
+    torch.manual_seed(0)
+    with_bypass = Student(CubeConfig(dims=[4, 4, 4], skip_linear=True), AdapterConfig(), {"t": 16}).eval()
+    torch.manual_seed(0)
+    without = Student(CubeConfig(dims=[4, 4, 4]), AdapterConfig(), {"t": 16}).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(with_bypass(x, "t").output, without(x, "t").output)
+
+
+def test_teacher_weighting():
+    cube, adapter = CubeConfig(dims=[4, 4, 4]), AdapterConfig()
+    uniform = Student(cube, adapter, TEACHERS)
+    assert uniform.weights() == {"minilm": 0.5, "smollm2": 0.5}
+    assert uniform.update_weights({"minilm": 0.1, "smollm2": 0.9}) == {"minilm": 0.5, "smollm2": 0.5}
+
+    fixed = Student(cube, adapter, TEACHERS, WeightingConfig(mode="fixed", weights={"minilm": 3, "smollm2": 1}))
+    assert fixed.weights() == {"minilm": 0.75, "smollm2": 0.25}
+    with pytest.raises(ValueError, match="no weight for"):
+        Student(cube, adapter, TEACHERS, WeightingConfig(mode="fixed", weights={"minilm": 1}))
+
+    adaptive = Student(cube, adapter, TEACHERS, WeightingConfig(mode="adaptive", temperature=0.1))
+    w = adaptive.update_weights({"minilm": 0.2, "smollm2": 0.3})
+    expected = torch.softmax(torch.tensor([-2.0, -3.0]), 0)
+    assert w == pytest.approx(dict(zip(TEACHERS, expected.tolist())))
+    assert torch.equal(adaptive.state_dict()["teacher_weights"], torch.tensor(list(w.values())))  # checkpointed
+
+
+def test_larger_thinking_cost_lowers_expected_steps():
+    def train(lam: float) -> float:
+        torch.manual_seed(0)
+        student = Student(CubeConfig(dims=[3, 3, 3], channels=4, hidden=8, min_steps=1, max_steps=6),
+                          AdapterConfig(io="volume", out="volume"), {"t": 16})
+        loss = CombinedLoss(LossConfig(cosine=1.0, think=lam))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 16, generator=g)
+        y = x @ torch.randn(16, 16, generator=g)
+        opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+        for _ in range(60):
+            run = student(x, "t")
+            total, _ = loss(run.output, y, expected_steps=run.expected_steps)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        return run.expected_steps.mean().item()
+
+    assert train(0.1) < train(0.01) - 1.0
+
+
+def test_overfits_64_structured_pairs():
+    """Targets are a fixed random linear map of the inputs; the signal has to cross the cube face to face."""
+    torch.manual_seed(0)
+    student = Student(CubeConfig(dims=[4, 4, 4], update_prob=1.0), AdapterConfig(), {"t": 384})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 384, generator=g)
+    y = x @ (torch.randn(384, 384, generator=g) / 384**0.5)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(300):
+        run = student(x, "t")
+        cos = torch.cosine_similarity(run.output, y).mean()
+        if cos > 0.95:
+            break
+        opt.zero_grad()
+        (1 - cos + 1e-3 * run.expected_steps.mean()).backward()
+        opt.step()
+    assert cos > 0.95
+
+
+def test_cost_covers_adapters_and_all_steps():
+    student = Student(CubeConfig(dims=[4, 4, 4], channels=8, max_steps=4), AdapterConfig(), {"t": 16})
+    c = student.cost("t")
+    assert c["params"] == sum(p.numel() for p in student.parameters())
+    adapters = 2 * 2 * 16 * (16 * 8)  # 16 -> 16 face cells x 8 channels and back, multiply-adds
+    cube_steps = 4 * 64 * 2 * (8 * 27 + 16 * 32 + 32 * 8)
+    halting = 2 * 2 * 8  # the head runs at steps 2 and 3: none before min_steps, the last step takes the rest
+    expectation = 2 * 4 * 16 * 8  # sum over the 4 steps of p_n * readout
+    assert c["flops_per_sample"] == adapters + cube_steps + halting + expectation
