@@ -63,6 +63,14 @@ class ExtractResult:
     texts: int
     embedded: int  # texts embedded by this run (0 on a cache hit)
     seconds: float
+    warm_seconds: float = 0.0  # until the first shard came back: actor start, model load, first shard
+    warm_texts: int = 0
+
+    @property
+    def steady_texts_per_s(self) -> float:
+        """Throughput once the pool is running (after the first shard), the figure that scales with data."""
+        rest = self.embedded - self.warm_texts
+        return rest / (self.seconds - self.warm_seconds) if rest and self.seconds > self.warm_seconds else float("nan")
 
     @property
     def texts_per_s(self) -> float:
@@ -99,7 +107,7 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
         ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus)
     start = time.perf_counter()
-    done, embedded, width, errors = 0, 0, None, []
+    done, embedded, width, errors, warm = 0, 0, None, [], (0.0, 0)
     for row in ds.iter_rows():
         done += 1
         if row["error"]:
@@ -107,6 +115,8 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
             continue
         embedded += int(row["texts"])
         width = int(row["width"])
+        if done == 1:
+            warm = (time.perf_counter() - start, embedded)
         rate = embedded / (time.perf_counter() - start)
         log.info("%s: shard %d/%d written (%d texts, %.1f texts/s overall)", spec.name, done, len(items), embedded, rate)
     seconds = time.perf_counter() - start
@@ -116,7 +126,7 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     if entry.missing_shards():  # only possible if files vanished underneath us
         raise EmbeddingError(f"{entry.dir}: shards {entry.missing_shards()[:5]} are missing after extraction")
     entry.finish(width or spec.width or 0, seconds)
-    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds)
+    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm)
 
 
 def main(argv: list[str] | None = None) -> int:
