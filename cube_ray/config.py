@@ -139,3 +139,63 @@ class DataConfig:
             raise ValueError(f"split_ratios must name a 'train' split, got {sorted(self.split_ratios)}")
         if any(r < 0 for r in self.split_ratios.values()) or abs(sum(self.split_ratios.values()) - 1) > 1e-6:
             raise ValueError(f"split_ratios must be non-negative and sum to 1, got {self.split_ratios}")
+
+
+from cube_ray.model.config import AdapterConfig, CubeConfig, LossConfig, WeightingConfig  # noqa: E402
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run: which data and teachers, the student, the loss mix, and how to optimise it."""
+
+    mode: typing.Literal["autoencoder", "dialogue", "dual", "distill"] = "dialogue"
+    teachers: list[str] = dataclasses.field(default_factory=lambda: ["minilm"])
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    cube: CubeConfig = dataclasses.field(default_factory=CubeConfig)
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
+    center: bool = True  # subtract each teacher's train mean (decoder embeddings are anisotropic)
+    epochs: int = 10
+    batch_size: int = 64  # the effective global batch; workers may split it into micro-batches
+    optimizer: typing.Literal["adamw", "sgd", "adafactor"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    schedule: typing.Literal["none", "cosine", "plateau"] = "cosine"
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    workers: int = 1
+    cpus_per_worker: int = 1
+    eval_metric: typing.Literal["mrr", "r1", "r5", "cos"] = "mrr"
+    patience: int = 0  # early stopping: epochs without eval improvement; 0 = off
+    min_delta: float = 1e-4  # early stopping: a smaller eval gain does not count as improvement
+    entropy_patience: int = 0  # early stopping when retrieval entropy stops falling for this many epochs; 0 = off
+    eval_samples: int = 3  # questions written to eval_samples/epoch_NNN.txt per epoch
+    keep_checkpoints: int = 2  # epoch checkpoints Ray keeps (besides latest/best_loss/best_eval)
+    memory_budget_mb: int | None = None  # per worker; None = the cgroup limit or available memory
+    max_micro_batch: int | None = None  # cap the per-worker micro-batch (None: as large as memory allows)
+    inject_oom_at_step: int | None = None  # testing: raise an out-of-memory error once at this global step
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.teachers:
+            raise ValueError("teachers must name at least one teacher")
+        if self.mode == "distill" and len(self.teachers) < 2:
+            raise ValueError("mode 'distill' maps between teachers, so it needs at least two")
+        for name in ("epochs", "batch_size", "workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
+class InferConfig:
+    """Inference only: no optimiser, no training state. Deterministic (seeded, deterministic algorithms)."""
+
+    k: int = 5
+    max_steps: int | None = None  # None: the checkpoint's cube max_steps
+    timeout_s: float | None = 5.0
+    seed: int = 0

@@ -1,0 +1,49 @@
+"""python -m cube_ray.train [--config FILE | --preset NAME] [--store DIR] [--workers N] [--out DIR] [--resume] [--seed S]"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from cube_ray.cli import default_store, setup_logging
+from cube_ray.config import TrainConfig, load_yaml
+from cube_ray.teachers.registry import load_registry
+from cube_ray.train.loop import fit
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cube_ray.train", description="Train the cube with Ray Train.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", help="a TrainConfig YAML file")
+    src.add_argument("--preset", default="smoke", help=f"one of {sorted(f.stem for f in PRESETS.glob('*.yaml'))} (default: %(default)s)")
+    p.add_argument("--store", default=default_store(), help="embedding store (default: %(default)s)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (overrides the config)")
+    p.add_argument("--out", default="results/train", help="output folder: checkpoints, eval samples (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--epochs-this-run", type=int, help="stop after this many epochs (continue later with --resume)")
+    p.add_argument("--teacher-config", help="a YAML file of extra teacher specs")
+    p.add_argument("--seed", type=int, help="seed of everything (overrides the config)")
+    args = p.parse_args(argv)
+    setup_logging()
+    path = Path(args.config) if args.config else PRESETS / f"{args.preset}.yaml"
+    if not path.exists():
+        p.error(f"no such config: {path}")
+    cfg = load_yaml(TrainConfig, path)
+    if args.workers is not None:
+        cfg.workers = args.workers
+    if args.seed is not None:
+        cfg.seed, cfg.data = args.seed, dataclasses.replace(cfg.data, seed=args.seed)
+    cfg.validate()
+    result = fit(cfg, args.store, args.out, resume=args.resume, registry=load_registry(args.teacher_config),
+                 stop_after=args.epochs_this_run)
+    last = result.history[-1] if result.history else {}
+    print(f"\ntrained {len(result.history)} epoch(s){' (' + result.stopped + ')' if result.stopped else ''}; "
+          f"last eval {last.get('eval', float('nan')):.4f}; checkpoints in {result.out}: latest, best_loss, best_eval")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

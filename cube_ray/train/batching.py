@@ -1,0 +1,83 @@
+"""Resource-aware batch sizing for one worker: choose the micro-batch from the memory this worker may use.
+
+The global batch (TrainConfig.batch_size) is fixed: each worker takes its share of it every step and splits that
+share into micro-batches, accumulating gradients, so the optimiser sees the same effective batch whatever the
+micro-batch is. The sizer
+  1. measures the memory a sample costs with a probe forward pass (RSS growth while activations are held),
+  2. picks the largest micro-batch that fits the budget (with a safety factor),
+  3. halves it after a step whose RSS went over budget (memory pressure), and
+  4. halves it and retries the same step when the step raises an out-of-memory error.
+Every decision is logged and kept, so it shows up in metrics and in the checkpoint's TrainState.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+import torch
+
+log = logging.getLogger(__name__)
+SAFETY = 0.5  # use at most half of the free budget for activations: RSS is a coarse measure
+
+
+def memory_budget_bytes(configured_mb: int | None, workers_on_node: int) -> int:
+    """This worker's memory budget: the configured one, else its share of min(cgroup limit, available memory)."""
+    if configured_mb is not None:
+        return configured_mb * 2**20
+    limit = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup/memory.max")
+    if cgroup.exists() and cgroup.read_text().strip().isdigit():
+        limit = min(limit, int(cgroup.read_text()))
+    return limit // max(1, workers_on_node)
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+class BatchSizer:
+    def __init__(self, share: int, budget: int, cap: int | None = None):
+        self.share = share  # this worker's samples per optimiser step
+        self.budget = budget
+        self.cap = min(share, cap or share)
+        self.micro = self.cap
+        self.decisions: list[str] = []
+
+    def _decide(self, micro: int, why: str) -> None:
+        micro = max(1, min(self.cap, micro))
+        message = f"micro-batch {self.micro} -> {micro}: {why}"
+        self.micro = micro
+        self.decisions.append(message)
+        log.info("batch sizer: %s", message)
+
+    def probe(self, forward, probe_size: int) -> None:
+        """`forward(n)` runs a forward pass on n samples and returns what keeps its activations alive."""
+        probe_size = max(1, min(probe_size, self.cap))
+        before = rss()
+        held = forward(probe_size)
+        per_sample = max(1, (rss() - before) // probe_size)
+        del held
+        free = max(0, self.budget - rss())
+        fits = int(free * SAFETY // per_sample)
+        self._decide(fits, f"probe: {per_sample / 2**10:.0f} KiB/sample, {free / 2**20:.0f} MiB free of a "
+                           f"{self.budget / 2**20:.0f} MiB budget, share {self.share}")
+
+    def after_step(self) -> None:
+        """Memory pressure: RSS over budget after a step halves the micro-batch for the next steps."""
+        used = rss()
+        if used > self.budget and self.micro > 1:
+            self._decide(self.micro // 2, f"RSS {used / 2**20:.0f} MiB over the {self.budget / 2**20:.0f} MiB budget")
+
+    def on_oom(self, error: BaseException) -> None:
+        if self.micro == 1:
+            raise error
+        self._decide(self.micro // 2, f"out of memory ({error}); retrying the step")
+
+    @property
+    def accumulation(self) -> int:
+        return -(-self.share // self.micro)

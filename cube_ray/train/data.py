@@ -1,0 +1,62 @@
+"""Pairs with their teacher embeddings, as tensors: one split (eval) or one worker's shard (train)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cube_ray.metrics import Centering
+from cube_ray.store import EmbeddingStore, split_embeddings
+from cube_ray.teachers.registry import TeacherSpec
+
+
+@dataclasses.dataclass
+class Pairs:
+    ids: list[str]
+    questions: list[str]
+    answers: list[str]
+    q: dict[str, torch.Tensor]  # teacher -> (N, width)
+    a: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def centred(self, centres: dict[str, Centering]) -> Pairs:
+        if not centres:
+            return self
+        return dataclasses.replace(self, q={t: centres[t](x) for t, x in self.q.items()},
+                                   a={t: centres[t](x) for t, x in self.a.items()})
+
+
+def load_split(store: EmbeddingStore, dataset_id: str, split: str, specs: dict[str, TeacherSpec]) -> Pairs:
+    """A whole split from the store (eval sets and baselines; training streams instead)."""
+    folder = store.dataset_dir(dataset_id)
+    table = pq.read_table(Path(folder) / f"{split}.parquet", columns=["id", "question", "answer"])
+    q, a = {}, {}
+    for name, spec in specs.items():
+        qn, an = split_embeddings(folder, split, store.dataset_entry(dataset_id, spec))
+        q[name], a[name] = torch.from_numpy(qn), torch.from_numpy(an)
+    return Pairs(table.column("id").to_pylist(), table.column("question").to_pylist(),
+                 table.column("answer").to_pylist(), q, a)
+
+
+def load_shard(iterator, teachers: list[str]) -> Pairs:
+    """One worker's shard from a Ray DataIterator, sorted by id so its order never depends on block arrival."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per epoch is noise
+    cols: dict[str, list] = {k: [] for k in ("id", "question", "answer", *(f"{s}_{t}" for t in teachers for s in "qa"))}
+    for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
+        for k in cols:
+            cols[k].append(batch[k])
+    if not cols["id"]:
+        raise ValueError("this worker's shard of the train split is empty: use fewer workers or more data")
+    ids = np.concatenate(cols["id"])
+    order = np.argsort(ids, kind="stable")
+    pick = lambda k: np.concatenate(cols[k])[order]  # noqa: E731
+    return Pairs([str(i) for i in ids[order]], list(pick("question")), list(pick("answer")),
+                 {t: torch.from_numpy(np.ascontiguousarray(pick(f"q_{t}"), dtype=np.float32)) for t in teachers},
+                 {t: torch.from_numpy(np.ascontiguousarray(pick(f"a_{t}"), dtype=np.float32)) for t in teachers})

@@ -1,0 +1,337 @@
+"""Data-parallel cube training on Ray Train.
+
+`fit(cfg, store, dataset_id, out)` starts a TorchTrainer with `cfg.workers` CPU workers; each runs
+`train_loop_per_worker`:
+
+  1. read its shard of the train split (a Ray Dataset of pairs with embeddings, split deterministically by the
+     driver) into tensors, and the eval split from the store;
+  2. centre every teacher on the train mean (all-reduced over workers), build the student (same seed on every
+     rank, so DDP starts from identical weights), the optimiser and the schedule;
+  3. resume from the latest checkpoint if Ray hands one over (a restarted worker or `--resume`): weights,
+     optimiser, schedule, TrainState with the RNG states;
+  4. per epoch: steps of the fixed global batch, each worker taking its share in micro-batches sized by the
+     BatchSizer (gradients accumulated, DDP syncing on the last one; an out-of-memory error halves the micro-batch
+     and retries the step); then validation, callbacks, and a checkpoint reported to Ray with the metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cube_ray.config import TrainConfig, from_dict, to_dict
+from cube_ray.evaluate import student_metrics
+from cube_ray.losses.combine import CombinedLoss
+from cube_ray.metrics import Centering
+from cube_ray.model import Student
+from cube_ray.teachers.registry import TeacherSpec
+from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
+from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples
+from cube_ray.train.data import Pairs, load_shard, load_split
+from cube_ray.train.snapshot import build_student, load_snapshot, save_snapshot
+from cube_ray.train.state import TrainState, seed_everything
+
+log = logging.getLogger("cube_ray.train")
+
+
+@dataclasses.dataclass
+class Run:
+    """What the callbacks see."""
+
+    cfg: TrainConfig
+    student: Student
+    state: TrainState
+    out: Path
+    rank: int
+    eval_pairs: Pairs
+    step_cap: int | None = None
+    stop: str = ""
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "plateau":  # stepped once per epoch on the eval metric
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=2, factor=0.5)
+    return None
+
+
+def task_pairs(cfg: TrainConfig, q: torch.Tensor, a: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) pairs of a mode; `dual` balances Q->A and reconstruction by giving each half the weight."""
+    if cfg.mode == "dialogue":
+        return [(q, a)]
+    auto = (torch.cat([q, a]), torch.cat([q, a]))
+    return [auto] if cfg.mode == "autoencoder" else [(q, a), auto]
+
+
+def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: float) -> tuple[torch.Tensor, dict]:
+    """The weighted multi-teacher loss of one micro-batch; `weight` = its share of the worker's batch."""
+    total, parts = 0.0, {}
+    teacher_w = run.student.weights()
+    if run.cfg.mode == "distill":
+        raise NotImplementedError("mode 'distill' is not implemented yet")
+    for t in run.cfg.teachers:
+        pairs = task_pairs(run.cfg, batch.q[t], batch.a[t])
+        for x, y in pairs:
+            out = model(x, t, max_steps=run.step_cap)
+            loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
+            total = total + teacher_w[t] * loss / len(pairs)
+            for k, v in p.items():
+                parts[f"{t}/{k}"] = parts.get(f"{t}/{k}", 0.0) + v / len(pairs)
+            parts[f"{t}/steps"] = parts.get(f"{t}/steps", 0.0) + out.expected_steps.mean().item() / len(pairs)
+    return total * weight, parts
+
+
+def take(pairs: Pairs, idx: torch.Tensor) -> Pairs:
+    return Pairs([], [], [], {t: x[idx] for t, x in pairs.q.items()}, {t: x[idx] for t, x in pairs.a.items()})
+
+
+def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pairs) -> tuple[float, dict]:
+    """One optimiser step over this worker's share, in micro-batches; an OOM halves the micro-batch and retries."""
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            total, parts, n = 0.0, {}, len(next(iter(batch.q.values())))
+            chunks = list(range(0, n, sizer.micro))
+            for k, start in enumerate(chunks):
+                idx = torch.arange(start, min(n, start + sizer.micro))
+                if run.cfg.inject_oom_at_step == run.state.global_step and not getattr(run, "oom_injected", False):
+                    run.oom_injected = True
+                    raise torch.OutOfMemoryError(f"injected at step {run.state.global_step}")
+                sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss, p = batch_loss(run, loss_fn, model, take(batch, idx), len(idx) / n)
+                    loss.backward()
+                total += loss.item()
+                for key, v in p.items():
+                    parts[key] = parts.get(key, 0.0) + v * len(idx) / n
+            break
+        except (RuntimeError, MemoryError) as e:
+            if not is_oom(e):
+                raise
+            sizer.on_oom(e)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
+    optimizer.step()
+    sizer.after_step()
+    return total, parts
+
+
+def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]:
+    """Each teacher's train mean over questions and answers, summed over all workers' shards."""
+    if not cfg.center:
+        return {}
+    out = {}
+    for t in cfg.teachers:
+        both = torch.cat([shard.q[t], shard.a[t]]).double()
+        stats = torch.cat([both.sum(0), torch.tensor([len(both)], dtype=torch.float64)])
+        if world > 1:
+            dist.all_reduce(stats)
+        out[t] = Centering((stats[:-1] / stats[-1]).numpy())
+    return out
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    specs = {n: TeacherSpec(name=n, **s) for n, s in config["teachers"].items()}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    from cube_ray.store import EmbeddingStore
+
+    store = EmbeddingStore(config["store"])
+    shard = load_shard(ray.train.get_dataset_shard(f"train_{rank}"), cfg.teachers)
+    centres = _centres(cfg, shard, world)
+    shard = shard.centred(centres)
+    eval_pairs = load_split(store, config["dataset_id"], "eval", specs).centred(centres)
+    widths = {t: shard.q[t].shape[1] for t in cfg.teachers}
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    student = build_student(cfg, widths)
+    model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else student
+    optimizer = make_optimizer(cfg, student.parameters())
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
+    schedule = make_schedule(cfg, optimizer, steps_per_epoch)
+    state = TrainState()
+    # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
+    # resume_from_checkpoint: the function loads it).
+    resumed = ray.train.get_checkpoint()
+    if resumed is None and config.get("resume_from"):
+        resumed = ray.train.Checkpoint.from_directory(config["resume_from"])
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            snap = load_snapshot(folder, with_state=True)
+        student.load_state_dict(snap.student.state_dict())
+        saved = snap.checkpoint.state
+        optimizer.load_state_dict(saved["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(saved["schedule"])
+        state = TrainState(**saved["train_state"])
+        state.restore_rng()
+        log.info("rank %d: resumed after epoch %d (step %d)", rank, state.epoch, state.global_step)
+    else:
+        seed_everything(cfg.seed * 1000 + rank + 1)  # stochastic cell updates differ per rank, reproducibly
+    share = cfg.batch_size // world + (rank < cfg.batch_size % world)
+    sizer = BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, ctx.get_local_world_size()), cfg.max_micro_batch)
+    loss_fn = CombinedLoss(cfg.loss)
+    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
+    if state.micro_batch:
+        sizer.micro = state.micro_batch
+    else:
+        t0 = cfg.teachers[0]
+        sizer.probe(lambda n: model(shard.q[t0][:n], t0).output.sum(), probe_size=min(32, len(shard)))
+    callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
+                                 EvalSamples(cfg.eval_samples), BestCheckpoints()]
+    for cb in callbacks:
+        cb.on_start(run)
+
+    last_epoch = min(cfg.epochs, state.epoch + config["stop_after"]) if config.get("stop_after") else cfg.epochs
+    while state.epoch < last_epoch and not run.stop:
+        for cb in callbacks:
+            cb.on_epoch_start(run)
+        student.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + state.epoch * 101 + rank)
+        start, samples, epoch_loss, parts_sum = time.perf_counter(), 0, 0.0, {}
+        order = torch.randperm(len(shard), generator=gen)
+        for step in range(steps_per_epoch):
+            idx = order[torch.arange(step * share, (step + 1) * share) % len(shard)]  # wraps: every rank same steps
+            loss, parts = train_step(run, loss_fn, model, optimizer, sizer, take(shard, idx))
+            if schedule is not None and cfg.schedule == "cosine":
+                schedule.step()
+            state.global_step += 1
+            samples += len(idx)
+            epoch_loss += loss / steps_per_epoch
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / steps_per_epoch
+        seconds = time.perf_counter() - start
+        per_teacher = student_metrics(student, eval_pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
+        key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
+        metrics = {"epoch": state.epoch + 1, "loss": epoch_loss, "eval": float(np.mean([m[key] for m in per_teacher.values()])),
+                   "samples_per_s": samples * world / seconds, "micro_batch": sizer.micro,
+                   "accumulation": sizer.accumulation, "lr": optimizer.param_groups[0]["lr"],
+                   "expected_steps": float(np.mean([parts_sum[f"{t}/steps"] for t in cfg.teachers])),
+                   "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()]))}
+        metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
+        metrics.update({f"train/{k}": v for k, v in parts_sum.items()})
+        if cfg.weighting.mode == "adaptive":
+            weights = student.update_weights({t: 1 - per_teacher[t].get("cos", per_teacher[t].get("recon_cos", 0))
+                                              for t in cfg.teachers})
+        else:
+            weights = student.weights()
+        metrics.update({f"weight/{t}": w for t, w in weights.items()})
+        if schedule is not None and cfg.schedule == "plateau":
+            schedule.step(metrics["eval"])
+        for cb in callbacks:
+            cb.on_validation_end(run, metrics)
+        state.epoch += 1
+        state.micro_batch = sizer.micro
+        state.batch_decisions = list(sizer.decisions)
+        state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        state.capture_rng()
+        if rank == 0:
+            log.info("epoch %d/%d  loss %.4f  eval %s %.4f  steps %.2f  %.0f samples/s  micro-batch %d x %d%s",
+                     state.epoch, cfg.epochs, epoch_loss, key, metrics["eval"], metrics["expected_steps"],
+                     metrics["samples_per_s"], sizer.micro, sizer.accumulation, f"  ({run.stop})" if run.stop else "")
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                training = {"optimizer": optimizer.state_dict(), "train_state": dataclasses.asdict(state),
+                            "schedule": schedule.state_dict() if schedule is not None else None}
+                path = save_snapshot(Path(tmp) / "ck", student, centres, cfg, specs, config["data_ref"], training)
+                for cb in callbacks:
+                    cb.on_checkpoint(run, path)
+                checkpoint = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(metrics, checkpoint=checkpoint)
+    return {"epochs": state.epoch, "stopped": run.stop, "history": state.history, "batch_decisions": state.batch_decisions}
+
+
+@dataclasses.dataclass
+class FitResult:
+    out: Path
+    history: list[dict[str, float]]
+    stopped: str
+    batch_decisions: list[str]
+
+
+def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
+        registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
+        stop_after: int | None = None) -> FitResult:
+    """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
+
+    stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
+    continues from `out/latest` exactly where it stopped.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cube_ray.cli import init_ray
+    from cube_ray.data.prepare import prepare
+    from cube_ray.extract import extract_teacher
+    from cube_ray.store import EmbeddingStore, pairs_dataset
+    from cube_ray.teachers.registry import get_teacher
+
+    out = Path(out).resolve()
+    if (out / "latest").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
+                              f"or choose another --out")
+    if resume and not (out / "latest").exists():
+        raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    specs = {t: get_teacher(t, registry) for t in cfg.teachers}
+    store = EmbeddingStore(store_root)
+    prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
+    init_ray()
+    for spec in specs.values():
+        extract_teacher(prepared.unique_texts(), spec, store)
+    entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
+    rows = prepared.manifest["splits"]["train"]["rows"]
+    if rows < cfg.workers:
+        raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
+    # Deterministic shards: row ranges of the split table, in file order, one per worker.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = pairs_dataset(prepared.dir, "train", entries)
+    parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 else [train]
+    widths = {t: entries[t].info["width"] for t in cfg.teachers}
+    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+                                                  for t, s in specs.items()},
+              "store": str(store.root), "dataset_id": prepared.dataset_id, "train_rows": rows, "out": str(out),
+              "stop_after": stop_after, "resume_from": str(out / "latest") if resume else None,
+              "data_ref": {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
+                           "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
+                           "entries": {t: str(e.dir) for t, e in entries.items()}}}
+    run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
+                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                  "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets={f"train_{k}": part for k, part in enumerate(parts)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        run_config=ray.train.RunConfig(**run_kwargs))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ret = result.return_value or {}
+    return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []))

@@ -1,0 +1,94 @@
+"""A trained student as a checkpoint folder, and back: build, save, and load for evaluation or inference.
+
+Weights are stored as `student.*` (the model) and `centre.<teacher>` (train means, when centring is on), so a
+checkpoint alone decides how inputs are preprocessed: evaluation and inference cannot forget the centring.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from cube_ray.config import ConfigError, TrainConfig, from_dict, to_dict
+from cube_ray.metrics import Centering
+from cube_ray.model import Student
+from cube_ray.store import EmbeddingStore, shard_order
+from cube_ray.teachers.registry import TeacherSpec
+from cube_ray.train.data import Pairs, load_split
+
+
+def build_student(cfg: TrainConfig, widths: dict[str, int]) -> Student:
+    return Student(cfg.cube, cfg.adapter, widths, cfg.weighting)
+
+
+def save_snapshot(path: str | Path, student: Student, centres: dict[str, Centering], cfg: TrainConfig,
+                  specs: dict[str, TeacherSpec], data: dict, state: dict | None) -> Path:
+    weights = {f"student.{k}": v for k, v in student.state_dict().items()}
+    weights.update({f"centre.{t}": torch.from_numpy(c.mean.astype(np.float32)) for t, c in centres.items()})
+    return save_checkpoint(path, weights, to_dict(cfg), specs, data, state)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    checkpoint: Checkpoint
+    cfg: TrainConfig
+    student: Student
+    centres: dict[str, Centering]
+
+
+def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
+    ck = load_checkpoint(path, with_state=with_state)
+    try:
+        cfg = from_dict(TrainConfig, ck.config, where=f"{ck.dir / 'config.yaml'}")
+    except ConfigError as e:
+        raise CheckpointError(f"incompatible checkpoint: {e}") from None
+    widths = {t: int(ck.data["widths"][t]) for t in cfg.teachers}
+    student = build_student(cfg, widths)
+    state = {k[len("student."):]: v for k, v in ck.weights.items() if k.startswith("student.")}
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck.dir / 'model.safetensors'}: weights do not fit the config: {e}") from None
+    centres = {k[len("centre."):]: Centering(v.double().numpy()) for k, v in ck.weights.items() if k.startswith("centre.")}
+    student.eval()
+    return Snapshot(ck, cfg, student, centres)
+
+
+@dataclasses.dataclass
+class EvalData:
+    student: Student
+    centres: dict[str, Centering]
+    train: Pairs  # centred when the checkpoint centres
+    held_out: Pairs
+
+
+def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
+    """The checkpoint's student, its (centred) training split and a held-out split: its own eval split, or `pairs`."""
+    snap = load_snapshot(path)
+    store = EmbeddingStore(snap.checkpoint.data["store"])
+    specs = snap.checkpoint.teachers
+    dataset_id = snap.checkpoint.data["dataset_id"]
+    train = load_split(store, dataset_id, "train", specs)
+    if pairs is None:
+        held_out = load_split(store, dataset_id, "eval", specs)
+    else:
+        held_out = _embed_pairs(pairs, store, specs, snap.cfg)
+    return EvalData(snap.student, snap.centres, train.centred(snap.centres), held_out.centred(snap.centres))
+
+
+def _embed_pairs(path: str, store: EmbeddingStore, specs: dict[str, TeacherSpec], cfg: TrainConfig) -> Pairs:
+    """Prepare `path` as a dataset of one eval split and embed it with the checkpoint's teachers (cached)."""
+    from cube_ray.cli import init_ray
+    from cube_ray.data.prepare import prepare
+    from cube_ray.extract import extract_teacher
+
+    data = dataclasses.replace(cfg.data, pairs=path, eval_pairs=None, limit=None, split_ratios={"train": 1.0})
+    prepared = prepare(data, store.root)
+    if not all(store.entry(s, shard_order(prepared.unique_texts())).complete for s in specs.values()):
+        init_ray()
+    for spec in specs.values():
+        extract_teacher(prepared.unique_texts(), spec, store)
+    return load_split(store, prepared.dataset_id, "train", specs)

@@ -1,0 +1,39 @@
+"""TrainState: everything besides the weights that a resumed run needs to continue exactly where it stopped."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class TrainState:
+    epoch: int = 0  # epochs finished
+    global_step: int = 0
+    best_eval: float = float("-inf")
+    best_loss: float = float("inf")
+    epochs_without_improvement: int = 0
+    best_entropy: float = float("inf")
+    epochs_without_entropy_drop: int = 0
+    micro_batch: int | None = None  # the batch sizer's current choice, so a resume does not re-probe
+    batch_decisions: list[str] = dataclasses.field(default_factory=list)
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row of metrics per epoch
+    rng: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def capture_rng(self) -> None:
+        self.rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+    def restore_rng(self) -> None:
+        if self.rng:
+            random.setstate(self.rng["python"])
+            np.random.set_state(self.rng["numpy"])
+            torch.set_rng_state(self.rng["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,89 @@
+"""Ray Train cube training on a real local Ray, the real minilm teacher and the bundled SQuAD sample."""
+import dataclasses
+
+import pytest
+import torch
+
+from cube_ray.checkpoint import load_checkpoint
+from cube_ray.config import DataConfig, TrainConfig
+from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
+from cube_ray.train.loop import fit
+from cube_ray.train.snapshot import load_snapshot
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, ray_local):
+    return tmp_path_factory.mktemp("store")
+
+
+def small(**kw) -> TrainConfig:
+    """A tiny cube that learns (volume in/out), every cell updating (no sampling noise between runs)."""
+    base = TrainConfig(teachers=["minilm"], data=DataConfig(limit=300),
+                       cube=CubeConfig(dims=[4, 4, 4], channels=8, min_steps=1, max_steps=3, update_prob=1.0),
+                       adapter=AdapterConfig(io="volume", out="volume"), loss=LossConfig(cosine=1.0, think=0.01),
+                       epochs=2, batch_size=32, lr=3e-3, eval_samples=2, seed=7)
+    return dataclasses.replace(base, **kw)
+
+
+def weights(folder):
+    return load_checkpoint(folder, with_state=False).weights
+
+
+def close(a, b, tol):
+    return all(torch.allclose(a[k], b[k], atol=tol) for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    return fit(small(), store, out)
+
+
+def test_two_workers_write_three_checkpoints_and_eval_samples(store, tmp_path):
+    result = fit(small(workers=2), store, tmp_path / "run")
+    assert len(result.history) == 2
+    for name in ("latest", "best_loss", "best_eval"):
+        snap = load_snapshot(tmp_path / "run" / name, with_state=True)
+        assert snap.cfg.workers == 2 and "centre.minilm" in snap.checkpoint.weights
+    assert load_checkpoint(tmp_path / "run" / "latest").state["train_state"]["epoch"] == 2
+    sample = (tmp_path / "run" / "eval_samples" / "epoch_002.txt").read_text()
+    assert sample.count("Q: ") == 2 and sample.count("GOLD: ") == 2 and "  1. (" in sample
+    assert (tmp_path / "run" / "eval_samples" / "epoch_001.txt").exists()
+    assert result.history[-1]["samples_per_s"] > 0 and 1 <= result.history[-1]["expected_steps"] <= 3
+
+
+def test_resume_equals_an_uninterrupted_run(store, tmp_path):
+    cfg = small(epochs=4, schedule="cosine")
+    whole = fit(cfg, store, tmp_path / "whole")
+    first = fit(cfg, store, tmp_path / "split", stop_after=2)
+    assert len(first.history) == 2
+    second = fit(cfg, store, tmp_path / "split", resume=True)
+    assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]  # the history travels in the TrainState
+    assert close(weights(tmp_path / "whole" / "latest"), weights(tmp_path / "split" / "latest"), 1e-5)
+    for a, b in zip(whole.history, second.history):
+        assert a["eval"] == pytest.approx(b["eval"], abs=1e-5) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_fresh_run_refuses_to_overwrite(store, baseline):
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        fit(small(), store, baseline.out)
+
+
+def test_memory_budget_forces_a_shrink_with_the_same_effective_batch(store, baseline, tmp_path):
+    result = fit(small(memory_budget_mb=1), store, tmp_path / "tight")
+    assert any("probe" in d and "-> 1:" in d for d in result.batch_decisions)
+    assert result.history[-1]["micro_batch"] == 1 and result.history[-1]["accumulation"] == 32
+    assert close(weights(baseline.out / "latest"), weights(tmp_path / "tight" / "latest"), 1e-4)
+    assert result.history[-1]["eval"] == pytest.approx(baseline.history[-1]["eval"], abs=1e-3)
+
+
+def test_injected_oom_is_survived(store, baseline, tmp_path):
+    result = fit(small(inject_oom_at_step=3), store, tmp_path / "oom")
+    assert any("out of memory (injected at step 3); retrying the step" in d for d in result.batch_decisions)
+    assert len(result.history) == 2 and result.history[-1]["micro_batch"] == 16
+    assert close(weights(baseline.out / "latest"), weights(tmp_path / "oom" / "latest"), 1e-4)
+
+
+def test_early_stopping_fires(store, tmp_path):
+    result = fit(small(epochs=6, lr=1e-9, patience=1, schedule="none"), store, tmp_path / "early")
+    assert len(result.history) == 2 and result.stopped.startswith("early stop")
