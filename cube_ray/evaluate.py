@@ -1,0 +1,98 @@
+"""Held-out evaluation: the student against identity, mean-answer and ridge baselines, in each teacher's space.
+
+    python -m cube_ray.evaluate CHECKPOINT [--pairs FILE] [--json]
+
+Every number ranks the split's de-duplicated answer pool by cosine (R@1, R@5, MRR) next to the mean cosine to
+the gold answer. With centring on (the checkpoint says), model inputs, targets, the pool and the baselines are
+all centred on the train mean of that teacher. With `--pairs`, those pairs are embedded with the checkpoint's
+teachers (through the store, so a second run is a cache hit) and become the eval split; baselines are still
+fitted on the checkpoint's training split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from cube_ray.metrics import baselines, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics
+from cube_ray.model import Student
+from cube_ray.train.data import Pairs
+
+ROWS = ("model", "identity", "mean_answer", "ridge")
+
+
+@torch.no_grad()
+def predict(student: Student, teacher: str, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, float]:
+    """Predictions by the halting gate (inference), and the mean number of steps the samples ran."""
+    student.eval()
+    preds, steps = [], []
+    for i in range(0, len(x), chunk):
+        out = student(x[i:i + chunk], teacher)
+        preds.append(out.output)
+        steps.append(out.steps_run.float())
+    return torch.cat(preds), torch.cat(steps).mean().item()
+
+
+def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> dict[str, dict[str, float]]:
+    """Per teacher: retrieval metrics of q -> a (or reconstruction cosine in autoencoder mode), steps, entropy."""
+    pool = dedup_pool(pairs.answers)
+    out = {}
+    for t in pairs.q:
+        answers = pairs.a[t][torch.as_tensor(pool.first)]
+        if mode == "autoencoder":
+            pred, steps = predict(student, t, pairs.a[t])
+            out[t] = {"recon_cos": reconstruction_cosine(pred, pairs.a[t]), "steps": steps}
+            continue
+        pred, steps = predict(student, t, pairs.q[t])
+        out[t] = {**retrieval_metrics(pred, pool.index, answers), "steps": steps,
+                  "entropy": retrieval_entropy(pred, answers)}
+    return out
+
+
+def comparison(student: Student, train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """{teacher: {"model": …, "identity": …, "mean_answer": …, "ridge": …}} on the same (centred) split."""
+    model = student_metrics(student, held_out)
+    table = {}
+    for t in held_out.q:
+        base = baselines(train.q[t], train.a[t], held_out.q[t], held_out.a[t], seed=seed)
+        table[t] = {"model": model[t], **base}
+    return table
+
+
+def format_table(table: dict[str, dict[str, dict]]) -> str:
+    lines = []
+    for teacher, rows in table.items():
+        lines.append(f"\n{teacher}\n{'':<12} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}")
+        for name in ROWS:
+            m = rows[name]
+            lines.append(f"{name:<12} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}")
+        verdict = "beats" if rows["model"]["mrr"] > rows["ridge"]["mrr"] else "does NOT beat"
+        lines.append(f"model {verdict} ridge regression on MRR ({rows['model']['mrr']:.3f} vs {rows['ridge']['mrr']:.3f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cube_ray.train.snapshot import load_for_eval
+
+    p = argparse.ArgumentParser(prog="python -m cube_ray.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. OUT/best_eval)")
+    p.add_argument("--pairs", help="evaluate on these pairs instead of the checkpoint's eval split")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.use_deterministic_algorithms(True)
+    loaded = load_for_eval(args.checkpoint, pairs=args.pairs)
+    table = comparison(loaded.student, loaded.train, loaded.held_out, seed=args.seed)
+    if args.json:
+        print(json.dumps({t: {k: {m: round(v, 6) for m, v in rows[k].items()} for k in ROWS} for t, rows in table.items()}))
+    else:
+        print(f"checkpoint {args.checkpoint}: {len(loaded.held_out)} held-out pairs, centring "
+              f"{'on' if loaded.centres else 'off'}")
+        print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

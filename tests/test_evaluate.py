@@ -1,0 +1,75 @@
+"""evaluate and infer on a checkpoint trained briefly by Ray Train on the bundled sample (real minilm)."""
+import json
+
+import pytest
+
+from cube_ray import evaluate, infer
+from cube_ray.checkpoint import CheckpointError
+from cube_ray.config import DataConfig, TrainConfig
+from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
+from cube_ray.train.loop import fit
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = TrainConfig(teachers=["minilm"], data=DataConfig(limit=300), epochs=2, batch_size=32, lr=3e-3,
+                      cube=CubeConfig(dims=[4, 4, 4], min_steps=1, max_steps=3), loss=LossConfig(cosine=1.0, infonce=0.5),
+                      adapter=AdapterConfig(io="volume", out="volume"), eval_samples=0)
+    fit(cfg, root / "store", root / "run")
+    return root / "run" / "best_eval"
+
+
+def test_evaluate_json_has_model_and_three_baselines(checkpoint, capsys):
+    assert evaluate.main([str(checkpoint), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    rows = table["minilm"]
+    assert set(rows) == {"model", "identity", "mean_answer", "ridge"}
+    for name, m in rows.items():
+        assert {"cos", "r1", "r5", "mrr"} <= set(m), name
+        assert 0 <= m["r1"] <= m["r5"] <= 1 and 0 < m["mrr"] <= 1
+    assert rows["identity"]["mrr"] > 5 * rows["mean_answer"]["mrr"]  # the constant retrieves (almost) nothing
+
+
+def test_evaluate_table_and_deterministic(checkpoint, capsys):
+    evaluate.main([str(checkpoint)])
+    first = capsys.readouterr().out
+    evaluate.main([str(checkpoint)])
+    assert capsys.readouterr().out == first
+    assert "ridge regression on MRR" in first and "mean_answer" in first
+
+
+def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):
+    rows = [{"doc_id": f"d{i}", "question": f"What colour is cube number {i}?", "answer": f"Cube {i} is painted red."}
+            for i in range(20)]
+    assert evaluate.main([str(checkpoint), "--pairs", str(write_jsonl(tmp_path / "new.jsonl", rows)), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["minilm"]["model"]["r1"] >= 0
+
+
+def test_infer_ranks_the_training_answers(checkpoint, capsys):
+    assert infer.main([str(checkpoint), "When did the oil crisis begin?", "--k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Q: When did the oil crisis begin?") and len(out) == 4
+    scores = [float(line.split()[1]) for line in out[1:]]
+    assert scores == sorted(scores, reverse=True)
+    infer.main([str(checkpoint), "When did the oil crisis begin?", "--k", "3"])
+    assert capsys.readouterr().out.splitlines() == out  # deterministic
+
+
+def test_infer_with_a_bank_file_and_timeout(checkpoint, tmp_path, capsys):
+    bank = tmp_path / "bank.txt"
+    bank.write_text("The crisis began in October 1973.\nCubes have six faces.\n")
+    assert infer.main([str(checkpoint), "When did the crisis begin?", "--bank", str(bank), "--timeout-s", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "timed out" in out and "The crisis began in October 1973." in out
+
+
+def test_corrupt_checkpoint_names_the_file(checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"broken/model.safetensors: corrupt"):
+        evaluate.main([str(broken)])
