@@ -42,24 +42,29 @@ class Student(nn.Module):
         self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
 
     def forward(self, x: torch.Tensor, teacher: str, *, timeout: float | None = None, keep_steps: bool = False,
-                all_steps: bool | None = None, max_steps: int | None = None) -> Pondered:
-        """x (B, width of `teacher`) -> Pondered with output (B, width): the prediction in that teacher's space.
+                all_steps: bool | None = None, max_steps: int | None = None, into: str | None = None) -> Pondered:
+        """x (B, width of `teacher`) -> Pondered with output (B, width): the prediction in that teacher's space,
+        or in teacher `into`'s space (read out by its adapter: the shared cube translates between teachers).
 
         Training (or all_steps=True): the halting-weighted expectation over all steps. Otherwise each sample
         halts by the gate, at max_steps, or when `timeout` seconds have passed (then timed_out is True).
         keep_steps: also return each step's prediction; max_steps: a lower step cap for this call.
         """
-        if teacher not in self.adapters:
-            raise KeyError(f"unknown teacher {teacher!r}; this student knows {self.teachers}")
-        adapter = self.adapters[teacher]
-        run = self.core(adapter.to_lattice(x), adapter.read, timeout=timeout, keep_steps=keep_steps,
+        into = into or teacher
+        for name in (teacher, into):
+            if name not in self.adapters:
+                raise KeyError(f"unknown teacher {name!r}; this student knows {self.teachers}")
+        source, target = self.adapters[teacher], self.adapters[into]
+        run = self.core(source.to_lattice(x), target.read, timeout=timeout, keep_steps=keep_steps,
                         all_steps=all_steps, max_steps=max_steps)
-        steps = None if run.step_outputs is None else [self._predict(adapter, teacher, f, x) for f in run.step_outputs]
-        return dataclasses.replace(run, output=self._predict(adapter, teacher, run.output, x), step_outputs=steps)
+        predict = lambda field: self._predict(target, teacher, into, field, x)  # noqa: E731
+        steps = None if run.step_outputs is None else [predict(f) for f in run.step_outputs]
+        return dataclasses.replace(run, output=predict(run.output), step_outputs=steps)
 
-    def _predict(self, adapter: Adapter, teacher: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _predict(self, adapter: Adapter, teacher: str, into: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         pred = adapter.decode(field)
-        return pred if self.bypass is None else pred + self.bypass[teacher](x)
+        # The linear bypass maps a teacher's space onto itself, so it only applies within one teacher.
+        return pred if self.bypass is None or into != teacher else pred + self.bypass[teacher](x)
 
     def weights(self) -> dict[str, float]:
         return dict(zip(self.teachers, self.teacher_weights.tolist()))

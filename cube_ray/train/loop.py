@@ -72,24 +72,27 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return None
 
 
-def task_pairs(cfg: TrainConfig, q: torch.Tensor, a: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, target) pairs of a mode; `dual` balances Q->A and reconstruction by giving each half the weight."""
-    if cfg.mode == "dialogue":
-        return [(q, a)]
-    auto = (torch.cat([q, a]), torch.cat([q, a]))
-    return [auto] if cfg.mode == "autoencoder" else [(q, a), auto]
+def task_pairs(cfg: TrainConfig, batch: Pairs, t: str) -> list[tuple[torch.Tensor, torch.Tensor, tuple[str, str]]]:
+    """(input, target, (from teacher, into teacher)) of a mode, for the loss weighted as teacher `t`.
+
+    dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
+    distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
+    """
+    q, a = batch.q[t], batch.a[t]
+    if cfg.mode == "distill":
+        return [(q, batch.a[u], (t, u)) for u in cfg.teachers]
+    dialogue, auto = (q, a, (t, t)), (torch.cat([q, a]), torch.cat([q, a]), (t, t))
+    return {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[cfg.mode]
 
 
 def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: float) -> tuple[torch.Tensor, dict]:
     """The weighted multi-teacher loss of one micro-batch; `weight` = its share of the worker's batch."""
     total, parts = 0.0, {}
     teacher_w = run.student.weights()
-    if run.cfg.mode == "distill":
-        raise NotImplementedError("mode 'distill' is not implemented yet")
     for t in run.cfg.teachers:
-        pairs = task_pairs(run.cfg, batch.q[t], batch.a[t])
-        for x, y in pairs:
-            out = model(x, t, max_steps=run.step_cap)
+        pairs = task_pairs(run.cfg, batch, t)
+        for x, y, into in pairs:
+            out = model(x, into[0], max_steps=run.step_cap, into=into[1])
             loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
             total = total + teacher_w[t] * loss / len(pairs)
             for k, v in p.items():

@@ -122,3 +122,12 @@ def test_cost_covers_adapters_and_all_steps():
     halting = 2 * 2 * 8  # the head runs at steps 2 and 3: none before min_steps, the last step takes the rest
     expectation = 2 * 4 * 16 * 8  # sum over the 4 steps of p_n * readout
     assert c["flops_per_sample"] == adapters + cube_steps + halting + expectation
+
+
+def test_student_translates_between_teachers():
+    student = Student(CubeConfig(dims=[4, 4, 4], max_steps=3), AdapterConfig(), {"a": 384, "b": 576})
+    out = student(torch.randn(5, 384), "a", into="b", all_steps=True)
+    assert out.output.shape == (5, 576)
+    out.output.sum().backward()
+    assert any(p.grad is not None for p in student.adapters["a"].parameters())
+    assert any(p.grad is not None for p in student.adapters["b"].parameters())

@@ -87,3 +87,22 @@ def test_injected_oom_is_survived(store, baseline, tmp_path):
 def test_early_stopping_fires(store, tmp_path):
     result = fit(small(epochs=6, lr=1e-9, patience=1, schedule="none"), store, tmp_path / "early")
     assert len(result.history) == 2 and result.stopped.startswith("early stop")
+
+
+@pytest.mark.parametrize("mode", ["autoencoder", "dual"])
+def test_other_modes_train(store, tmp_path, mode):
+    result = fit(small(mode=mode, epochs=1), store, tmp_path / mode)
+    key = "minilm/recon_cos" if mode == "autoencoder" else "minilm/mrr"
+    assert len(result.history) == 1 and result.history[0][key] > 0
+
+
+def test_distill_mode_with_two_teachers(store, tmp_path):
+    from cube_ray.teachers import load_registry
+    from tests.conftest import make_tiny_teacher
+
+    registry = {**load_registry(), "tiny-llama": make_tiny_teacher(tmp_path / "tiny", "llama")}
+    result = fit(small(mode="distill", teachers=["minilm", "tiny-llama"], epochs=1), store, tmp_path / "distill",
+                 registry=registry)
+    row = result.history[0]
+    assert {"train/minilm/cosine", "train/tiny-llama/cosine", "weight/minilm", "weight/tiny-llama"} <= set(row)
+    assert row["weight/minilm"] == pytest.approx(0.5)
