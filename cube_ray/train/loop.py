@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +151,14 @@ def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]
     return out
 
 
+def _peak_rss_mb(world: int) -> float:
+    """The largest peak RSS of any worker so far (MiB)."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
+
+
 def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
@@ -233,7 +242,8 @@ def train_loop_per_worker(config: dict) -> dict:
                    "samples_per_s": samples * world / seconds, "micro_batch": sizer.micro,
                    "accumulation": sizer.accumulation, "lr": optimizer.param_groups[0]["lr"],
                    "expected_steps": float(np.mean([parts_sum[f"{t}/steps"] for t in cfg.teachers])),
-                   "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()]))}
+                   "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
+                   "peak_rss_mb": _peak_rss_mb(world)}
         metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
         metrics.update({f"train/{k}": v for k, v in parts_sum.items()})
         if cfg.weighting.mode == "adaptive":
@@ -312,10 +322,13 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     rows = prepared.manifest["splits"]["train"]["rows"]
     if rows < cfg.workers:
         raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
-    # Deterministic shards: row ranges of the split table, in file order, one per worker.
+    # Deterministic shards: row ranges of the split table, in file order, one per worker. They are materialised
+    # (in the object store, not the driver) before training: workers that hold every CPU would otherwise starve
+    # the read tasks of a streaming dataset and wait for them forever.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = pairs_dataset(prepared.dir, "train", entries)
-    parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 else [train]
+    parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
+        else [train.materialize()]
     widths = {t: entries[t].info["width"] for t in cfg.teachers}
     config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
                                                   for t, s in specs.items()},

@@ -94,6 +94,20 @@ def test_larger_thinking_cost_lowers_expected_steps():
     assert train(0.1) < train(0.01) - 1.0
 
 
+def overfit(student, teacher, x, y, steps):
+    """Adam on 1 - cos (+ a small thinking cost) until train cosine > 0.95; returns (cosine, steps taken)."""
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for step in range(steps):
+        run = student(x, teacher)
+        cos = torch.cosine_similarity(run.output, y).mean()
+        if cos > 0.95:
+            break
+        opt.zero_grad()
+        (1 - cos + 1e-3 * run.expected_steps.mean()).backward()
+        opt.step()
+    return cos.item(), step
+
+
 def test_overfits_64_structured_pairs():
     """Targets are a fixed random linear map of the inputs; the signal has to cross the cube face to face."""
     torch.manual_seed(0)
@@ -101,15 +115,7 @@ def test_overfits_64_structured_pairs():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 384, generator=g)
     y = x @ (torch.randn(384, 384, generator=g) / 384**0.5)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    for _ in range(300):
-        run = student(x, "t")
-        cos = torch.cosine_similarity(run.output, y).mean()
-        if cos > 0.95:
-            break
-        opt.zero_grad()
-        (1 - cos + 1e-3 * run.expected_steps.mean()).backward()
-        opt.step()
+    cos, _ = overfit(student, "t", x, y, steps=300)
     assert cos > 0.95
 
 
@@ -131,3 +137,19 @@ def test_student_translates_between_teachers():
     out.output.sum().backward()
     assert any(p.grad is not None for p in student.adapters["a"].parameters())
     assert any(p.grad is not None for p in student.adapters["b"].parameters())
+
+
+def test_overfits_64_real_squad_pairs():
+    """The bundled sample's first 64 question -> answer pairs, embedded by the real minilm teacher."""
+    from cube_ray.data.readers import read_pairs, sample_paths
+    from cube_ray.teachers import Teacher, get_teacher
+
+    pairs = read_pairs(sample_paths()[0], limit=64)
+    teacher = Teacher(get_teacher("minilm"))
+    x = torch.from_numpy(teacher.embed([p.question for p in pairs]))
+    y = torch.from_numpy(teacher.embed([p.answer for p in pairs]))
+    torch.manual_seed(0)
+    student = Student(CubeConfig(dims=[4, 4, 4], update_prob=1.0), AdapterConfig(), {"minilm": 384})
+    cos, step = overfit(student, "minilm", x, y, steps=400)
+    assert cos > 0.95, f"train cosine {cos:.3f} after {step} steps"
+    assert torch.cosine_similarity(x, y).mean() < 0.8  # the questions alone are far from it
