@@ -45,9 +45,6 @@ def load_split(store: EmbeddingStore, dataset_id: str, split: str, specs: dict[s
 
 def load_shard(iterator, teachers: list[str]) -> Pairs:
     """One worker's shard from a Ray DataIterator, sorted by id so its order never depends on block arrival."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per epoch is noise
     cols: dict[str, list] = {k: [] for k in ("id", "question", "answer", *(f"{s}_{t}" for t in teachers for s in "qa"))}
     for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
         for k in cols:

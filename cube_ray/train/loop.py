@@ -329,6 +329,7 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     train = pairs_dataset(prepared.dir, "train", entries)
     parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
         else [train.materialize()]
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers read their shard once; the epoch log is the progress
     widths = {t: entries[t].info["width"] for t in cfg.teachers}
     config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
                                                   for t, s in specs.items()},
