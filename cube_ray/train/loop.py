@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cube_ray.config import TrainConfig, from_dict, to_dict
+from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.evaluate import student_metrics
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
@@ -55,6 +55,7 @@ class Run:
     eval_pairs: Pairs
     step_cap: int | None = None
     stop: str = ""
+    oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -115,7 +116,7 @@ def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pa
             chunks = list(range(0, n, sizer.micro))
             for k, start in enumerate(chunks):
                 idx = torch.arange(start, min(n, start + sizer.micro))
-                if run.cfg.inject_oom_at_step == run.state.global_step and not getattr(run, "oom_injected", False):
+                if run.cfg.inject_oom_at_step == run.state.global_step and not run.oom_injected:
                     run.oom_injected = True
                     raise torch.OutOfMemoryError(f"injected at step {run.state.global_step}")
                 sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
@@ -311,7 +312,7 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     if resume and not (out / "latest").exists():
         raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    save_yaml(cfg, out / "config.yaml")
     specs = {t: get_teacher(t, registry) for t in cfg.teachers}
     store = EmbeddingStore(store_root)
     prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains

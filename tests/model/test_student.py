@@ -149,7 +149,9 @@ def test_overfits_64_real_squad_pairs():
     x = torch.from_numpy(teacher.embed([p.question for p in pairs]))
     y = torch.from_numpy(teacher.embed([p.answer for p in pairs]))
     torch.manual_seed(0)
-    student = Student(CubeConfig(dims=[4, 4, 4], update_prob=1.0), AdapterConfig(), {"minilm": 384})
+    # Volume I/O: memorising arbitrary pairs through one face is far slower (0.57 after 400 steps, measured).
+    student = Student(CubeConfig(dims=[4, 4, 4], update_prob=1.0), AdapterConfig(io="volume", out="volume"),
+                      {"minilm": 384})
     cos, step = overfit(student, "minilm", x, y, steps=400)
     assert cos > 0.95, f"train cosine {cos:.3f} after {step} steps"
     assert torch.cosine_similarity(x, y).mean() < 0.8  # the questions alone are far from it
