@@ -1,0 +1,174 @@
+"""Search spaces as data: a YAML file -> a validated `SearchSpace` -> an Optuna define-by-run function.
+
+Schema (see search_spaces/*.yaml):
+
+    base: default            # a training preset (cube_ray/train/presets) the sampled values override
+    params:                  # order matters: a condition may only name an earlier parameter
+      lr: {type: log-float, low: 1.0e-4, high: 3.0e-3}
+      cube/dims: {type: categorical, choices: [[8, 8, 12], [6, 8, 16]]}
+      cube/attention: {type: bool}
+      cube/attention_heads: {type: categorical, choices: [1, 2, 4], when: {cube/attention: true}}
+
+A parameter's name is the path of a TrainConfig field, parts joined by "/" (Ray Tune nests such names). Types:
+float, log-float (low, high), int (low, high, optional step), categorical (choices; lists allowed), bool. `when`
+maps earlier parameter names to the value they must have for this one to be sampled. Everything is checked before
+any trial runs, and every error names the file, the parameter and the problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cube_ray.config import ConfigError, TrainConfig, from_dict, load_yaml, to_dict
+
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+PRESETS = Path(__file__).resolve().parents[1] / "train" / "presets"
+TYPES = ("float", "log-float", "int", "categorical", "bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    choices: tuple = ()
+    when: tuple[tuple[str, Any], ...] = ()
+
+    def suggest(self, trial) -> Any:
+        if self.type == "bool":
+            return trial.suggest_categorical(self.name, [False, True])
+        if self.type == "categorical":
+            # Optuna's categorical choices must be scalars: lists travel as their JSON text (train_config decodes).
+            choices = [json.dumps(c) if isinstance(c, list) else c for c in self.choices]
+            return trial.suggest_categorical(self.name, choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step or 1)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.type == "log-float")
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    name: str
+    base: TrainConfig
+    params: list[Param]
+
+    def define_by_run(self, trial) -> dict | None:
+        """For OptunaSearch(space=...): suggest each parameter whose conditions hold, in file order."""
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if all(chosen.get(k, _MISSING) == v for k, v in p.when):
+                chosen[p.name] = p.suggest(trial)
+        return None
+
+    def train_config(self, sampled: dict[str, Any]) -> TrainConfig:
+        """The base config with `sampled` values (flat "a/b" names or nested dicts) applied, validated."""
+        data = to_dict(self.base)
+        for name, value in _flatten(sampled).items():
+            node = data
+            *parents, leaf = name.split("/")
+            for part in parents:
+                node = node[part]
+            node[leaf] = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+        return from_dict(TrainConfig, data, where=f"search space {self.name!r} trial config")
+
+
+_MISSING = object()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _field_type(name: str) -> Any:
+    """The annotation of TrainConfig field `name` ("cube/dims" -> CubeConfig.dims), or None if there is none."""
+    cls: Any = TrainConfig
+    annotation = None
+    for part in name.split("/"):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        annotation = cls = hints[part]
+    return annotation
+
+
+def _param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> Param:
+    where = f"{where}: parameter {name!r}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'type', got {spec!r}")
+    unknown = sorted(set(spec) - {"type", "low", "high", "step", "choices", "when"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}")
+    if _field_type(name) is None:
+        raise ConfigError(f"{where}: no such TrainConfig field (use '/' between parts, e.g. cube/channels)")
+    kind = spec.get("type")
+    if kind not in TYPES:
+        raise ConfigError(f"{where}: type must be one of {list(TYPES)}, got {kind!r}")
+    if kind in ("float", "log-float", "int"):
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+            raise ConfigError(f"{where}: needs numbers low < high, got low={low!r}, high={high!r}")
+        if kind == "log-float" and low <= 0:
+            raise ConfigError(f"{where}: log-float needs low > 0, got {low}")
+        if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise ConfigError(f"{where}: int needs whole-number bounds, got {low}, {high}")
+    choices = spec.get("choices", [])
+    if kind == "categorical" and (not isinstance(choices, list) or not choices):
+        raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
+    when = spec.get("when", {})
+    if not isinstance(when, dict):
+        raise ConfigError(f"{where}: 'when' must map earlier parameter names to values")
+    for other, value in when.items():
+        if other not in earlier:
+            raise ConfigError(f"{where}: condition on {other!r}, which is not an earlier parameter")
+        allowed = [False, True] if earlier[other].type == "bool" else list(earlier[other].choices)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{where}: condition {other}={value!r} can never hold; {other} takes {allowed}")
+    return Param(name, kind, spec.get("low"), spec.get("high"), spec.get("step"), tuple(choices), tuple(when.items()))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """`stage247` (a file under search_spaces/) or a path to a YAML file; validated before any trial runs."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SPACES / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in SPACES.glob("*.yaml"))
+        raise ConfigError(f"{path}: no such search space; known: {known}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty 'params' mapping")
+    unknown = sorted(set(data) - {"base", "params"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected 'base' and 'params'")
+    base_path = PRESETS / f"{data.get('base', 'default')}.yaml"
+    if not base_path.exists():
+        raise ConfigError(f"{path}: base preset {data.get('base')!r} does not exist in {PRESETS}")
+    params: dict[str, Param] = {}
+    for pname, spec in data["params"].items():
+        params[pname] = _param(str(path), pname, spec, params)
+    space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()))
+    for p in space.params:  # every categorical choice must make a valid config on its own
+        for choice in p.choices:
+            try:
+                space.train_config({p.name: choice})
+            except ConfigError as e:
+                raise ConfigError(f"{path}: parameter {p.name!r}: choice {choice!r} is invalid: {e}") from None
+    return space

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cube_ray.config import ConfigError
+from cube_ray.tune.space import SPACES, load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sample(space, n: int, seed: int) -> list[dict]:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        space.define_by_run(trial)
+        out.append(dict(trial.params))
+        study.tell(trial, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_space_file_is_valid_and_samples_valid_configs(path):
+    space = load_space(path)
+    for params in sample(space, 5, seed=0):
+        cfg = space.train_config(params)  # raises on an invalid combination
+        assert cfg.teachers
+
+
+def test_named_spaces_exist():
+    assert {p.stem for p in SPACES.glob("*.yaml")} >= {"stage247", "stage24", "smoke"}
+
+
+def test_conditional_parameters_are_respected():
+    space = load_space("stage247")
+    trials = sample(space, 40, seed=1)
+    for params in trials:
+        assert ("cube/attention_heads" in params) == params["cube/attention"]
+        assert ("weighting/temperature" in params) == (params["weighting/mode"] == "adaptive")
+    assert {p["cube/attention"] for p in trials} == {False, True}  # both branches were explored
+
+
+def test_sampling_is_seeded_and_lists_round_trip():
+    space = load_space("stage247")
+    assert sample(space, 3, seed=7) == sample(space, 3, seed=7)
+    cfg = space.train_config({"cube/dims": [6, 8, 16], "lr": 1e-3})
+    assert cfg.cube.dims == [6, 8, 16] and cfg.lr == 1e-3
+    nested = space.train_config({"cube": {"channels": 12}})
+    assert nested.cube.channels == 12 and nested.cube.dims == space.base.cube.dims
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params:\n  lr: {type: log-float, low: 0.1, high: 0.01}\n", r"parameter 'lr': needs numbers low < high"),
+    ("params:\n  cube/colour: {type: bool}\n", r"parameter 'cube/colour': no such TrainConfig field"),
+    ("params:\n  lr: {type: gaussian, low: 0, high: 1}\n", r"parameter 'lr': type must be one of"),
+    ("params:\n  lr: {type: log-float, low: 0, high: 1}\n", r"log-float needs low > 0"),
+    ("params:\n  cube/attention_heads: {type: categorical, choices: [2], when: {cube/attention: true}}\n"
+     "  cube/attention: {type: bool}\n", r"condition on 'cube/attention', which is not an earlier parameter"),
+    ("params:\n  optimizer: {type: categorical, choices: []}\n", r"categorical needs a non-empty list"),
+    ("params:\n  optimizer: {type: categorical, choices: [adamw, lion]}\n", r"choice 'lion' is invalid: .*optimizer"),
+    ("params:\n  lr: {type: float, low: 0.001, high: 0.01, scale: 2}\n", r"unknown key\(s\) \['scale'\]"),
+    ("base: nosuch\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"base preset 'nosuch' does not exist"),
+    ("params: {}\n", r"non-empty 'params'"),
+    ("params: [\n", r"not valid YAML"),
+])
+def test_malformed_space_names_file_key_and_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_space(path)
+    assert str(path) in str(e.value)
+
+
+def test_unknown_space_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"no such search space; known: .*stage247"):
+        load_space("stage999")
