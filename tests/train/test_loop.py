@@ -52,8 +52,9 @@ def test_two_workers_write_three_checkpoints_and_eval_samples(store, tmp_path):
     assert result.history[-1]["samples_per_s"] > 0 and 1 <= result.history[-1]["expected_steps"] <= 3
 
 
-def test_resume_equals_an_uninterrupted_run(store, tmp_path):
-    cfg = small(epochs=4, schedule="cosine")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_equals_an_uninterrupted_run(store, tmp_path, workers):
+    cfg = small(epochs=4, schedule="cosine", workers=workers)
     whole = fit(cfg, store, tmp_path / "whole")
     first = fit(cfg, store, tmp_path / "split", stop_after=2)
     assert len(first.history) == 2
