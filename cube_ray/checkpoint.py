@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cube_ray.data.manifest import sha256_file
+from cube_ray.fsutil import swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 1
@@ -63,11 +64,7 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
             os.fsync(f.fileno())
     manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
     (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    old = path.with_name(f".old-{path.name}-{os.getpid()}")
-    if path.exists():  # replace an older checkpoint of the same name: move it aside, then swap
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, path)  # replaces an older checkpoint of the same name
     return path
 
 

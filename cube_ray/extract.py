@@ -129,8 +129,18 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm)
 
 
+def extract_all(texts: list[str], specs: list[TeacherSpec], store: EmbeddingStore, address: str | None = None,
+                concurrency: int | None = None, batch_size: int = 32) -> list[ExtractResult]:
+    """Embed `texts` with every teacher; Ray is started (or joined) only if some entry is incomplete."""
+    from cube_ray.cli import init_ray
+
+    if not all(store.entry(spec, shard_order(texts)).complete for spec in specs):
+        init_ray(address)
+    return [extract_teacher(texts, spec, store, concurrency, batch_size) for spec in specs]
+
+
 def main(argv: list[str] | None = None) -> int:
-    from cube_ray.cli import add_data_args, data_config, init_ray, setup_logging
+    from cube_ray.cli import add_data_args, data_config, setup_logging
     from cube_ray.data.prepare import prepare
     from cube_ray.teachers.registry import get_teacher, load_registry
 
@@ -149,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, split in prepared.manifest["splits"].items():
         print(f"  {name:<6} {split['rows']:>7} pairs  {split['documents']:>5} documents  sha256 {split['sha256'][:12]}")
     print(f"  {len(texts)} unique texts")
-    store = EmbeddingStore(args.store)
-    if not all(store.entry(spec, shard_order(texts)).complete for spec in specs):
-        init_ray(args.address)  # a fully cached run needs no Ray at all
-    results = [extract_teacher(texts, spec, store, args.concurrency, args.batch_size) for spec in specs]
+    results = extract_all(texts, specs, EmbeddingStore(args.store), args.address, args.concurrency, args.batch_size)
     print(f"\n{'teacher':<10} {'width':>5} {'texts':>7} {'status':<9} {'seconds':>8} {'texts/s':>8}  entry")
     for r in results:
         status = "cached" if r.cached else "extracted"

@@ -6,6 +6,7 @@ A crash leaves at worst a `.tmp-*` file that no reader looks at; `remove_stale_t
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def swap_in(tmp: str | Path, path: str | Path) -> None:
+    """Replace folder `path` by the complete folder `tmp` (same parent): the old one is moved aside first and
+    removed last, so a crash leaves the old folder, the new one, or both under other names, never half of one."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".old-{path.name}-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_tmp(folder: str | Path) -> int:

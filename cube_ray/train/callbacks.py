@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cube_ray.fsutil import swap_in
 from cube_ray.losses.curriculum import competence, step_cap
 from cube_ray.metrics import dedup_pool
 
@@ -50,11 +51,7 @@ class BestCheckpoints(Callback):
             tmp = run.out / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(path, tmp)
-            old = run.out / f".old-{name}"
-            if (run.out / name).exists():
-                (run.out / name).rename(old)
-            tmp.rename(run.out / name)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_in(tmp, run.out / name)
 
 
 class EarlyStopping(Callback):

@@ -22,7 +22,7 @@ class Pairs:
     a: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(next(iter(self.q.values())))  # from the tensors: a batch made by `take` carries no ids
 
     def centred(self, centres: dict[str, Centering]) -> Pairs:
         if not centres:

@@ -33,6 +33,7 @@ from cube_ray.evaluate import student_metrics
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
+from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples
@@ -97,10 +98,15 @@ def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: flo
             out = model(x, into[0], max_steps=run.step_cap, into=into[1])
             loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
             total = total + teacher_w[t] * loss / len(pairs)
-            for k, v in p.items():
-                parts[f"{t}/{k}"] = parts.get(f"{t}/{k}", 0.0) + v / len(pairs)
-            parts[f"{t}/steps"] = parts.get(f"{t}/steps", 0.0) + out.expected_steps.mean().item() / len(pairs)
+            p["steps"] = out.expected_steps.mean().item()
+            accumulate(parts, {f"{t}/{k}": v for k, v in p.items()}, 1 / len(pairs))
     return total * weight, parts
+
+
+def accumulate(into: dict[str, float], parts: dict[str, float], weight: float) -> None:
+    """into[k] += weight * parts[k], for logging sums of loss parts over teachers, micro-batches and steps."""
+    for k, v in parts.items():
+        into[k] = into.get(k, 0.0) + weight * v
 
 
 def take(pairs: Pairs, idx: torch.Tensor) -> Pairs:
@@ -112,7 +118,7 @@ def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pa
     while True:
         optimizer.zero_grad(set_to_none=True)
         try:
-            total, parts, n = 0.0, {}, len(next(iter(batch.q.values())))
+            total, parts, n = 0.0, {}, len(batch)
             chunks = list(range(0, n, sizer.micro))
             for k, start in enumerate(chunks):
                 idx = torch.arange(start, min(n, start + sizer.micro))
@@ -124,8 +130,7 @@ def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pa
                     loss, p = batch_loss(run, loss_fn, model, take(batch, idx), len(idx) / n)
                     loss.backward()
                 total += loss.item()
-                for key, v in p.items():
-                    parts[key] = parts.get(key, 0.0) + v * len(idx) / n
+                accumulate(parts, p, len(idx) / n)
             break
         except (RuntimeError, MemoryError) as e:
             if not is_oom(e):
@@ -169,8 +174,6 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
-    from cube_ray.store import EmbeddingStore
-
     store = EmbeddingStore(config["store"])
     shard = load_shard(ray.train.get_dataset_shard(f"train_{rank}"), cfg.teachers)
     centres = _centres(cfg, shard, world)
@@ -234,8 +237,7 @@ def train_loop_per_worker(config: dict) -> dict:
             state.global_step += 1
             samples += len(idx)
             epoch_loss += loss / steps_per_epoch
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / steps_per_epoch
+            accumulate(parts_sum, parts, 1 / steps_per_epoch)
         seconds = time.perf_counter() - start
         per_teacher = student_metrics(student, eval_pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
         key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
@@ -301,8 +303,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
 
     from cube_ray.cli import init_ray
     from cube_ray.data.prepare import prepare
-    from cube_ray.extract import extract_teacher
-    from cube_ray.store import EmbeddingStore, pairs_dataset
+    from cube_ray.extract import extract_all
+    from cube_ray.store import pairs_dataset
     from cube_ray.teachers.registry import get_teacher
 
     out = Path(out).resolve()
@@ -316,9 +318,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     specs = {t: get_teacher(t, registry) for t in cfg.teachers}
     store = EmbeddingStore(store_root)
     prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
-    init_ray()
-    for spec in specs.values():
-        extract_teacher(prepared.unique_texts(), spec, store)
+    init_ray()  # training needs Ray whether or not extraction does
+    extract_all(prepared.unique_texts(), list(specs.values()), store)
     entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
     rows = prepared.manifest["splits"]["train"]["rows"]
     if rows < cfg.workers:

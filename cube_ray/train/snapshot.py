@@ -15,7 +15,7 @@ from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, sa
 from cube_ray.config import ConfigError, TrainConfig, from_dict, to_dict
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
-from cube_ray.store import EmbeddingStore, shard_order
+from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.data import Pairs, load_split
 
@@ -81,14 +81,10 @@ def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
 
 def _embed_pairs(path: str, store: EmbeddingStore, specs: dict[str, TeacherSpec], cfg: TrainConfig) -> Pairs:
     """Prepare `path` as a dataset of one eval split and embed it with the checkpoint's teachers (cached)."""
-    from cube_ray.cli import init_ray
     from cube_ray.data.prepare import prepare
-    from cube_ray.extract import extract_teacher
+    from cube_ray.extract import extract_all
 
     data = dataclasses.replace(cfg.data, pairs=path, eval_pairs=None, limit=None, split_ratios={"train": 1.0})
     prepared = prepare(data, store.root)
-    if not all(store.entry(s, shard_order(prepared.unique_texts())).complete for s in specs.values()):
-        init_ray()
-    for spec in specs.values():
-        extract_teacher(prepared.unique_texts(), spec, store)
+    extract_all(prepared.unique_texts(), list(specs.values()), store)
     return load_split(store, prepared.dataset_id, "train", specs)
