@@ -171,7 +171,7 @@ class TrainConfig:
     min_delta: float = 1e-4  # early stopping: a smaller eval gain does not count as improvement
     entropy_patience: int = 0  # early stopping when retrieval entropy stops falling for this many epochs; 0 = off
     eval_samples: int = 3  # questions written to eval_samples/epoch_NNN.txt per epoch
-    keep_checkpoints: int = 2  # epoch checkpoints Ray keeps (besides latest/best_loss/best_eval)
+    keep_checkpoints: int = 2  # Ray keeps the best K epoch checkpoints by eval, and its latest (besides our 3 folders)
     memory_budget_mb: int | None = None  # per worker; None = the cgroup limit or available memory
     max_micro_batch: int | None = None  # cap the per-worker micro-batch (None: as large as memory allows)
     inject_oom_at_step: int | None = None  # testing: raise an out-of-memory error once at this global step
@@ -189,6 +189,38 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """One search (`python -m cube_ray.tune`); saved as `<out>/<name>/search.yaml`, so `--resume` needs no flags."""
+
+    space: str = "stage247"  # a name under search_spaces/ or a YAML path
+    name: str = ""  # the experiment folder under `out`; "" = "<space>-<timestamp>"
+    out: str = "results"
+    store: str = ""  # the embedding store ("" = the default store)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teachers: list[str] | None = None  # None: the teachers of the space's base preset
+    teacher_config: str | None = None  # a YAML file of extra teacher specs
+    num_samples: int = 12  # trials
+    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs hold at once
+    workers_per_trial: int = 1  # Ray Train workers of each trial
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep the best 1/reduction_factor at each rung
+    keep_checkpoints: int = 2  # per trial: the best K by the eval metric (plus the latest)
+    max_failures: int = 2  # retries of a trial, and of its Train run, after a crash
+    time_budget_s: float | None = None  # stop starting and running trials after this long
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("num_samples", "workers_per_trial", "grace_period", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
+        self.data.validate()
 
 
 @dataclasses.dataclass

@@ -112,3 +112,22 @@ class EvalSamples(Callback):
         folder = run.out / "eval_samples"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"epoch_{epoch:03d}.txt").write_text("\n".join(lines))
+
+
+class RayMetrics(Callback):
+    """Export throughput, micro-batch and expected halting steps as Ray metrics (Prometheus `ray_cube_ray_*`,
+    the dashboard's Metrics tab), tagged with the run folder's name (a Tune trial's folder in a search)."""
+
+    NAMES = {"samples_per_s": "training samples per second (all workers)",
+             "micro_batch": "per-worker micro-batch chosen by the batch sizer",
+             "expected_steps": "expected halting steps of the cube (train mean)"}
+
+    def on_start(self, run):
+        from ray.util.metrics import Gauge
+
+        self.gauges = {k: Gauge(f"cube_ray_{k}", description=d, tag_keys=("run",)) for k, d in self.NAMES.items()} \
+            if run.rank == 0 else {}
+
+    def on_validation_end(self, run, metrics):
+        for key, gauge in self.gauges.items():
+            gauge.set(float(metrics[key]), tags={"run": run.out.name})

@@ -36,7 +36,7 @@ from cube_ray.model import Student
 from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
-from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples
+from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics
 from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.snapshot import build_student, load_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
@@ -217,7 +217,7 @@ def train_loop_per_worker(config: dict) -> dict:
         t0 = cfg.teachers[0]
         sizer.probe(lambda n: model(shard.q[t0][:n], t0).output.sum(), probe_size=min(32, len(shard)))
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
-                                 EvalSamples(cfg.eval_samples), BestCheckpoints()]
+                                 EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
     for cb in callbacks:
         cb.on_start(run)
 
@@ -289,17 +289,23 @@ class FitResult:
     batch_decisions: list[str]
 
 
-def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
-        registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
-        stop_after: int | None = None) -> FitResult:
-    """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
+@dataclasses.dataclass
+class RunData:
+    """What a run reads, made once: the prepared split, the teachers, and one materialised train shard per worker.
 
-    stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
-    continues from `out/latest` exactly where it stopped.
-    """
+    A search makes it in its driver and hands it to every trial (same data, teachers and workers per trial)."""
+
+    store: str
+    dataset_id: str
+    specs: dict[str, TeacherSpec]
+    rows: int
+    parts: list  # ray.data.MaterializedDataset per worker
+    data_ref: dict
+
+
+def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, TeacherSpec] | None = None) -> RunData:
+    """Prepare the data (contamination check included), extract what the store lacks, and shard the train split."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from cube_ray.cli import init_ray
     from cube_ray.data.prepare import prepare
@@ -307,14 +313,6 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     from cube_ray.store import pairs_dataset
     from cube_ray.teachers.registry import get_teacher
 
-    out = Path(out).resolve()
-    if (out / "latest").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
-                              f"or choose another --out")
-    if resume and not (out / "latest").exists():
-        raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
     specs = {t: get_teacher(t, registry) for t in cfg.teachers}
     store = EmbeddingStore(store_root)
     prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
@@ -331,22 +329,53 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     train = pairs_dataset(prepared.dir, "train", entries)
     parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
         else [train.materialize()]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers read their shard once; the epoch log is the progress
+    for part in parts:  # workers read their shard once; the epoch log is the progress
+        part.context.enable_progress_bars = False
     widths = {t: entries[t].info["width"] for t in cfg.teachers}
+    data_ref = {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
+                "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
+                "entries": {t: str(e.dir) for t, e in entries.items()}}
+    return RunData(str(store.root), prepared.dataset_id, specs, rows, parts, data_ref)
+
+
+def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
+        registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
+        stop_after: int | None = None, data: RunData | None = None) -> FitResult:
+    """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
+
+    stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
+    continues from `out/latest` exactly where it stopped. data: made by `prepare_run` already (a search's trials).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = Path(out).resolve()
+    if (out / "latest").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
+                              f"or choose another --out")
+    if resume and not (out / "latest").exists():
+        raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    data = data or prepare_run(cfg, store_root, registry)
+    if len(data.parts) != cfg.workers or list(data.specs) != cfg.teachers:
+        raise ValueError(f"the prepared data has {len(data.parts)} shard(s) for teachers {list(data.specs)}; this run "
+                         f"needs {cfg.workers} for {cfg.teachers}")
     config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-                                                  for t, s in specs.items()},
-              "store": str(store.root), "dataset_id": prepared.dataset_id, "train_rows": rows, "out": str(out),
-              "stop_after": stop_after, "resume_from": str(out / "latest") if resume else None,
-              "data_ref": {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
-                           "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
-                           "entries": {t: str(e.dir) for t, e in entries.items()}}}
+                                                  for t, s in data.specs.items()},
+              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
+              "stop_after": stop_after, "resume_from": str(out / "latest") if resume else None, "data_ref": data.data_ref}
     run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
-                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                  # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
+                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                                  checkpoint_score_attribute="eval",
+                                                                  checkpoint_score_order="max"),
                   "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets={f"train_{k}": part for k, part in enumerate(parts)},
+        datasets={f"train_{k}": part for k, part in enumerate(data.parts)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(**run_kwargs))
     result = trainer.fit()

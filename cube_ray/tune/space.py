@@ -52,6 +52,18 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step or 1)
         return trial.suggest_float(self.name, self.low, self.high, log=self.type == "log-float")
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from (to rebuild a study from finished trials)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "bool":
+            return CategoricalDistribution([False, True])
+        if self.type == "categorical":
+            return CategoricalDistribution([json.dumps(c) if isinstance(c, list) else c for c in self.choices])
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), step=self.step or 1)
+        return FloatDistribution(self.low, self.high, log=self.type == "log-float")
+
 
 @dataclasses.dataclass
 class SearchSpace:

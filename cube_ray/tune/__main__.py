@@ -1,0 +1,71 @@
+"""python -m cube_ray.tune --space stage247 [--num-samples N] [--max-concurrent K] [--workers-per-trial W]
+[--teachers a,b] [--pairs FILE] [--eval-pairs FILE] [--address auto] [--name EXP] [--out DIR] [--resume] [--seed S]
+[--time-budget-s T]"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cube_ray.cli import add_data_args, data_config, setup_logging
+from cube_ray.config import SearchConfig
+
+# The bundled sample is cut to this many pairs per file by default: cold SmolLM2 extraction runs at ~12 texts/s on
+# 2 cores, so the whole sample (~6,500 texts) would take ~9 minutes before the first trial. 600 pairs of each file
+# (~2,000 texts) keep the cold default run inside 15 minutes. --limit or --pairs change it.
+SAMPLE_LIMIT = 600
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cube_ray.tune", description="Search the cube's architecture and "
+                                "loss weights with Ray Tune (Optuna TPE + ASHA); each trial trains with Ray Train.")
+    p.add_argument("--space", default="stage247", help="a search space under search_spaces/ or a YAML path (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=SearchConfig.num_samples, help="trials (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: %(default)s)")
+    p.add_argument("--teachers", help="comma-separated teacher names (default: the space's base preset's)")
+    p.add_argument("--name", help="experiment name: the folder under --out (default: <space>-<timestamp>; with "
+                   "--resume, the newest experiment of --space under --out)")
+    p.add_argument("--out", default="results", help="where experiments live (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (its saved settings win)")
+    p.add_argument("--time-budget-s", type=float, help="stop the search after this many seconds")
+    p.add_argument("--grace-period", type=int, default=SearchConfig.grace_period, help="ASHA: epochs before a trial can be stopped (default: %(default)s)")
+    p.add_argument("--reduction-factor", type=int, default=SearchConfig.reduction_factor, help="ASHA reduction factor (default: %(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
+    add_data_args(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.limit is None and args.pairs is None:
+        args.limit = SAMPLE_LIMIT
+    if args.resume:
+        name = args.name or newest_experiment(Path(args.out), Path(args.space).stem)
+        if name is None:
+            p.error(f"--resume: no experiment of space {args.space!r} under {args.out}; pass --name")
+        search = SearchConfig(name=name, out=args.out)
+    else:
+        data = data_config(args)
+        data.pairs, data.eval_pairs = (str(Path(f).resolve()) if f else None for f in (data.pairs, data.eval_pairs))
+        search = SearchConfig(
+            space=str(Path(args.space).resolve()) if Path(args.space).suffix else args.space,
+            name=args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}", out=args.out,
+            store=str(Path(args.store).resolve()), data=data,
+            teachers=args.teachers.split(",") if args.teachers else None,
+            teacher_config=str(Path(args.teacher_config).resolve()) if args.teacher_config else None,
+            num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
+            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+            keep_checkpoints=args.keep_checkpoints, time_budget_s=args.time_budget_s, seed=args.seed)
+    from cube_ray.tune.runner import run_search
+
+    exp = run_search(search, address=args.address, resume=args.resume)
+    print(f"\nreport: {exp / 'report.md'}\nbest checkpoint: {(exp / 'best_checkpoint').read_text().strip()}")
+    return 0
+
+
+def newest_experiment(out: Path, space: str) -> str | None:
+    found = sorted(out.glob(f"{space}-*/search.yaml"), key=lambda f: f.stat().st_mtime)
+    return found[-1].parent.name if found else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

