@@ -5,8 +5,8 @@ identity / mean answer / ridge on the same split, search cost), best_config.yaml
 holding the path), report.json (every figure), and plots: history.png (search history), importance.png
 (Optuna's parameter importance), curves.png (learning curves of the top trials).
 
-It reads only files: each trial folder's params.json and result.json (Tune), config.yaml (the trial's TrainConfig),
-finished.json (the trial's training ran to its end) and best_eval/ (its best checkpoint). No Ray is needed.
+It reads only files: each trial folder's trial.json (sampled values), latest/ (its TrainState holds the per-epoch
+metrics), config.yaml (the trial's TrainConfig), finished.json (the trial's training ran to its end) and best_eval/ (its best checkpoint). No Ray is needed.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
 from cube_ray.fsutil import atomic_write_text
 
@@ -32,8 +33,8 @@ class Trial:
     dir: Path
     params: dict  # the sampled values, flat "a/b" names
     config: TrainConfig
-    history: list[dict]  # one row per epoch (the last report of each epoch wins after a restart)
-    status: str  # complete | early stop | stopped early | error | running
+    history: list[dict]  # one row of metrics per epoch
+    status: str  # complete | early stop | stopped by ASHA | time budget | error | running
 
     @property
     def best(self) -> dict:
@@ -45,48 +46,43 @@ class Trial:
 
     @property
     def seconds(self) -> float:
-        return self.history[-1].get("time_total_s", 0.0) if self.history else 0.0
+        return self.history[-1].get("time_s", 0.0) if self.history else 0.0
 
     @property
     def cpus(self) -> int:
         return self.config.workers * self.config.cpus_per_worker
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def load_trials(exp: Path) -> list[Trial]:
+    from cube_ray.tune.runner import ASHA_STOPPED, TRIAL
+
+    asha_stopped = set(json.loads((exp / ASHA_STOPPED).read_text())) if (exp / ASHA_STOPPED).exists() else set()
     trials = []
-    for folder in sorted(p.parent for p in exp.glob("*/params.json")):
-        if not (folder / "config.yaml").exists():  # the trial never got as far as training
+    for folder in sorted(p.parent for p in exp.glob(f"*/{TRIAL}")):
+        if not (folder / "config.yaml").exists():  # the trial failed before training started
             continue
-        by_epoch: dict[int, dict] = {}
-        results = folder / "result.json"
-        for line in results.read_text().splitlines() if results.exists() else []:
-            row = json.loads(line)
-            if "epoch" in row:
-                by_epoch[int(row["epoch"])] = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        history = [by_epoch[e] for e in sorted(by_epoch)]
+        # The history travels in the checkpoint's TrainState: complete across restarts, unlike Tune's result.json,
+        # which a killed driver may never have synced.
+        history = load_checkpoint(folder / "latest").state["train_state"]["history"] if (folder / "latest").exists() else []
         config = load_yaml(TrainConfig, folder / "config.yaml")
-        trials.append(Trial(folder.name.removeprefix("trial_"), folder, flatten(json.loads((folder / "params.json").read_text())),
-                            config, history, _status(folder, config, history)))
+        trial_id = folder.name.removeprefix("trial_")
+        trials.append(Trial(trial_id, folder, json.loads((folder / TRIAL).read_text()),
+                            config, history, _status(folder, config, history, trial_id in asha_stopped)))
     return trials
 
 
-def _status(folder: Path, config: TrainConfig, history: list[dict]) -> str:
+def _status(folder: Path, config: TrainConfig, history: list[dict], asha_stopped: bool) -> str:
     from cube_ray.tune.runner import FINISHED
 
     if (folder / FINISHED).exists():
         return "early stop" if json.loads((folder / FINISHED).read_text())["stopped"] else "complete"
     if history and history[-1]["epoch"] >= config.epochs:
         return "complete"  # stopped by the scheduler at its last epoch
+    if asha_stopped:
+        return "stopped by ASHA"
     if (folder / "error.txt").exists():
         return "error"
-    return "stopped early" if history else "running"
+    return "time budget" if history else "running"  # Tune stops what still runs when the budget is spent
 
 
 def importance(trials: list[Trial], search: SearchConfig) -> dict[str, float]:
@@ -128,14 +124,17 @@ def held_out(best: Trial, seed: int) -> dict:
 def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) -> list[str]:
     import matplotlib
 
+    from cube_ray.tune.runner import TRIAL
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
     scored = [t for t in trials if t.history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {"complete": "tab:blue", "early stop": "tab:green", "stopped early": "tab:orange", "error": "tab:red"}
-    order = sorted(scored, key=lambda t: t.history[0].get("timestamp", 0))
+    colours = {"complete": "tab:blue", "early stop": "tab:green", "stopped by ASHA": "tab:orange",
+               "time budget": "tab:grey", "error": "tab:red"}
+    order = sorted(scored, key=lambda t: (t.dir / TRIAL).stat().st_mtime)
     for status, colour in colours.items():
         pts = [(i + 1, t.score) for i, t in enumerate(order) if t.status == status]
         if pts:
@@ -170,7 +169,8 @@ def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) ->
 
 def cost(exp: Path, trials: list[Trial]) -> dict:
     sessions = json.loads((exp / "sessions.json").read_text()) if (exp / "sessions.json").exists() else []
-    return {"trials": len(trials), "stopped_early": sum(t.status == "stopped early" for t in trials),
+    return {"trials": len(trials), "stopped_by_asha": sum(t.status == "stopped by ASHA" for t in trials),
+            "time_budget": sum(t.status == "time budget" for t in trials),
             "early_stop": sum(t.status == "early stop" for t in trials),
             "complete": sum(t.status == "complete" for t in trials), "errors": sum(t.status == "error" for t in trials),
             "epochs": sum(len(t.history) for t in trials),
@@ -203,7 +203,6 @@ def build_report(exp: str | Path) -> Path:
     save_yaml(best.config, exp / "best_config.yaml")
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
 
-    stop_word = "ASHA or the time budget" if search.time_budget_s else "ASHA"
     teachers = best.config.teachers
     lines = [f"# Search report: {exp.name}", "",
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on held-out "
@@ -237,8 +236,8 @@ def build_report(exp: str | Path) -> Path:
                      f", and does not beat identity ({rows['identity']['mrr']:.3f})") + ".", ""]
     lines += ["## Search cost", "",
               f"- trials: {figures['trials']} ({figures['complete']} ran all their epochs, {figures['early_stop']} "
-              f"stopped by their own early stopping, {figures['stopped_early']} stopped early by {stop_word}, "
-              f"{figures['errors']} failed)",
+              f"stopped by their own early stopping, {figures['stopped_by_asha']} stopped early by ASHA, "
+              f"{figures['time_budget']} cut by the time budget, {figures['errors']} failed)",
               f"- epochs trained: {figures['epochs']}; CPU-hours: {figures['cpu_hours']:.3f} (trial time x CPUs)",
               f"- wall time: {figures['wall_s'] / 60:.1f} min over {figures['sessions']} driver session(s), "
               "data preparation and extraction included", "",

@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> dict:
                    "accumulation": sizer.accumulation, "lr": optimizer.param_groups[0]["lr"],
                    "expected_steps": float(np.mean([parts_sum[f"{t}/steps"] for t in cfg.teachers])),
                    "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
-                   "peak_rss_mb": _peak_rss_mb(world)}
+                   "peak_rss_mb": _peak_rss_mb(world), "time_s": state.seconds + time.perf_counter() - start}
         metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
         metrics.update({f"train/{k}": v for k, v in parts_sum.items()})
         if cfg.weighting.mode == "adaptive":
@@ -260,6 +260,7 @@ def train_loop_per_worker(config: dict) -> dict:
         for cb in callbacks:
             cb.on_validation_end(run, metrics)
         state.epoch += 1
+        state.seconds = metrics["time_s"]
         state.micro_batch = sizer.micro
         state.batch_decisions = list(sizer.decisions)
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -21,6 +21,7 @@ class TrainState:
     micro_batch: int | None = None  # the batch sizer's current choice, so a resume does not re-probe
     batch_decisions: list[str] = dataclasses.field(default_factory=list)
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row of metrics per epoch
+    seconds: float = 0.0  # wall time of the epochs so far (training and validation), across resumes
     rng: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def capture_rng(self) -> None:

@@ -15,6 +15,8 @@ from cube_ray.config import SearchConfig
 # 2 cores, so the whole sample (~6,500 texts) would take ~9 minutes before the first trial. 600 pairs of each file
 # (~2,000 texts) keep the cold default run inside 15 minutes. --limit or --pairs change it.
 SAMPLE_LIMIT = 600
+# ... and the trials get 9 minutes, so extraction + search + report finish inside 15 minutes on 2 cores.
+TIME_BUDGET_S = 540
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--resume, the newest experiment of --space under --out)")
     p.add_argument("--out", default="results", help="where experiments live (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (its saved settings win)")
-    p.add_argument("--time-budget-s", type=float, help="stop the search after this many seconds")
+    p.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
+                   help="stop the search (not extraction) after this many seconds; 0 = no limit (default: %(default)s)")
     p.add_argument("--grace-period", type=int, default=SearchConfig.grace_period, help="ASHA: epochs before a trial can be stopped (default: %(default)s)")
     p.add_argument("--reduction-factor", type=int, default=SearchConfig.reduction_factor, help="ASHA reduction factor (default: %(default)s)")
     p.add_argument("--keep-checkpoints", type=int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.limit is None and args.pairs is None:
         args.limit = SAMPLE_LIMIT
+    args.limit = args.limit or None  # --limit 0: every pair
     if args.resume:
         name = args.name or newest_experiment(Path(args.out), Path(args.space).stem)
         if name is None:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_config=str(Path(args.teacher_config).resolve()) if args.teacher_config else None,
             num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
             grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-            keep_checkpoints=args.keep_checkpoints, time_budget_s=args.time_budget_s, seed=args.seed)
+            keep_checkpoints=args.keep_checkpoints, time_budget_s=args.time_budget_s or None, seed=args.seed)
     from cube_ray.tune.runner import run_search
 
     exp = run_search(search, address=args.address, resume=args.resume)

@@ -16,19 +16,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
 from cube_ray.fsutil import atomic_write_text
-from cube_ray.tune.space import SearchSpace, load_space
+from cube_ray.tune.space import SearchSpace, flatten, load_space
 
 log = logging.getLogger("cube_ray.tune")
 
 SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
 METRIC, MODE, TIME_ATTR = "eval", "max", "epoch"
 TRIAL_DRIVER_MEMORY = 256 * 2**20
+TRIAL = "trial.json"  # the trial's sampled parameters
 FINISHED = "finished.json"  # written by a trial whose training ran to its end (all epochs, or its own early stop)
+ASHA_STOPPED = "asha_stopped.json"  # the trials ASHA stopped, so the report tells them from time-budget stops
+
+
+def asha(search: SearchConfig, space: SearchSpace, exp: Path):
+    """ASHA on `eval` at epoch rungs, recording each trial it stops in the experiment folder."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and result.get(TIME_ATTR, 0) < self._max_t:
+                path = exp / ASHA_STOPPED
+                stopped = json.loads(path.read_text()) if path.exists() else []
+                atomic_write_text(path, json.dumps(sorted(set(stopped) | {trial.trial_id})))
+            return action
+
+    # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
+    return RecordingASHA(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space),
+                         grace_period=search.grace_period, reduction_factor=search.reduction_factor,
+                         stop_last_trials=False)
 
 
 def space_for(search: SearchConfig) -> SearchSpace:
@@ -65,13 +87,44 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
     # The trial folder in the experiment (not Tune's local staging copy, which a stopped trial never syncs back):
     # checkpoints land where a restarted trial, --resume and the report look for them.
     trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
+    prune_unregistered_checkpoints(trial_dir / "train")
     cfg = space.train_config(config)
     cfg.validate()
+    trial_dir.mkdir(parents=True, exist_ok=True)  # the sampled values, flat, beside the trial's checkpoints
+    atomic_write_text(trial_dir / TRIAL, json.dumps(flatten(config)))
     result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data,
                  run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
                                     "callbacks": [TuneReportCallback()],
                                     "failure_config": ray.train.FailureConfig(max_failures=search.max_failures)})
     atomic_write_text(trial_dir / FINISHED, json.dumps({"epochs": len(result.history), "stopped": result.stopped}))
+
+
+def prune_unregistered_checkpoints(run_dir: Path) -> list[str]:
+    """Delete checkpoint folders of a Train run that Ray's checkpoint manager never registered.
+
+    A hard kill between Ray persisting a checkpoint and recording it leaves a folder that retention never deletes;
+    a restarted trial calls this before its run resumes, so disk use stays bounded by the retention setting."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    known = set(_values(json.loads(snapshot.read_text()), "checkpoint_dir_name"))
+    orphans = [d for d in run_dir.glob("checkpoint_*") if d.is_dir() and d.name not in known]
+    for d in orphans:
+        log.warning("removing checkpoint %s: Ray never registered it (the run was killed while saving)", d)
+        shutil.rmtree(d)
+    return [d.name for d in orphans]
+
+
+def _values(node, key: str):
+    """Every value stored under `key` anywhere in a JSON tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _values(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _values(v, key)
 
 
 def experiment_dir(search: SearchConfig) -> Path:
@@ -81,7 +134,6 @@ def experiment_dir(search: SearchConfig) -> Path:
 def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     import ray.tune
     from optuna.samplers import TPESampler
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     # The trial's driver reserves no CPU (its Train workers hold them); Tune needs a non-empty request, so memory.
@@ -93,11 +145,9 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places)
     searcher = OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, seed=search.seed,
                             sampler=TPESampler(seed=search.seed, multivariate=True, group=True))
-    scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space),
-                              grace_period=search.grace_period, reduction_factor=search.reduction_factor)
     return ray.tune.Tuner(
         trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=asha(search, space, exp), num_samples=search.num_samples,
                                         max_concurrent_trials=concurrency(search, space),
                                         time_budget_s=search.time_budget_s,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
@@ -138,15 +188,31 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     registry = load_registry(search.teacher_config)
     space = space_for(search)  # a malformed space fails here, before Ray starts
     init_ray(address)
+    require_state_api()
     # Once for all trials: data preparation (the contamination check refuses a bad split here), extraction of
     # whatever the store lacks, and the per-worker train shards.
     data = prepare_run(space.base, search.store, registry)
     exp.mkdir(parents=True, exist_ok=True)
     save_yaml(search, saved)
     _tuner(search, space, data, restore=resume).fit()
+    for run_dir in exp.glob("trial_*/train"):  # trials ASHA killed may have left an unregistered checkpoint
+        prune_unregistered_checkpoints(run_dir)
     _log_elapsed(exp, time.time() - start)
     build_report(exp)
     return exp
+
+
+def require_state_api() -> None:
+    """ASHA stops a trial by killing its actor; Ray Train's placement-group cleaner then frees the trial's CPUs, but
+    only if it can ask the state API (served by the dashboard) that the trial's controller is dead. Without it the
+    CPUs leak and the next trials wait forever, so refuse to start."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=15)
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing here
+        raise RuntimeError("the search needs Ray's state API (the dashboard: install ray[default], and do not start the "
+                           f"cluster with --include-dashboard=false): {e}") from None
 
 
 def _log_elapsed(exp: Path, seconds: float) -> None:

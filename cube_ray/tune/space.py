@@ -82,7 +82,7 @@ class SearchSpace:
     def train_config(self, sampled: dict[str, Any]) -> TrainConfig:
         """The base config with `sampled` values (flat "a/b" names or nested dicts) applied, validated."""
         data = to_dict(self.base)
-        for name, value in _flatten(sampled).items():
+        for name, value in flatten(sampled).items():
             node = data
             *parents, leaf = name.split("/")
             for part in parents:
@@ -94,11 +94,12 @@ class SearchSpace:
 _MISSING = object()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"cube": {"dims": v}} -> {"cube/dims": v}: Ray Tune nests names with '/'; this undoes it."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out
