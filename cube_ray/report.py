@@ -34,7 +34,7 @@ class Trial:
     params: dict  # the sampled values, flat "a/b" names
     config: TrainConfig
     history: list[dict]  # one row of metrics per epoch
-    status: str  # complete | early stop | stopped by ASHA | time budget | error | running
+    status: str  # complete | early stop | stopped by ASHA | time budget | error | unfinished
 
     @property
     def best(self) -> dict:
@@ -53,7 +53,7 @@ class Trial:
         return self.config.workers * self.config.cpus_per_worker
 
 
-def load_trials(exp: Path) -> list[Trial]:
+def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
     from cube_ray.tune.runner import ASHA_STOPPED, TRIAL
 
     asha_stopped = set(json.loads((exp / ASHA_STOPPED).read_text())) if (exp / ASHA_STOPPED).exists() else set()
@@ -67,11 +67,11 @@ def load_trials(exp: Path) -> list[Trial]:
         config = load_yaml(TrainConfig, folder / "config.yaml")
         trial_id = folder.name.removeprefix("trial_")
         trials.append(Trial(trial_id, folder, json.loads((folder / TRIAL).read_text()),
-                            config, history, _status(folder, config, history, trial_id in asha_stopped)))
+                            config, history, _status(folder, config, history, trial_id in asha_stopped, budget)))
     return trials
 
 
-def _status(folder: Path, config: TrainConfig, history: list[dict], asha_stopped: bool) -> str:
+def _status(folder: Path, config: TrainConfig, history: list[dict], asha_stopped: bool, budget: bool) -> str:
     from cube_ray.tune.runner import FINISHED
 
     if (folder / FINISHED).exists():
@@ -82,7 +82,8 @@ def _status(folder: Path, config: TrainConfig, history: list[dict], asha_stopped
         return "stopped by ASHA"
     if (folder / "error.txt").exists():
         return "error"
-    return "time budget" if history else "running"  # Tune stops what still runs when the budget is spent
+    # Tune stops whatever still runs when the budget is spent (even before its first epoch)
+    return "time budget" if budget else "unfinished"
 
 
 def importance(trials: list[Trial], search: SearchConfig) -> dict[str, float]:
@@ -173,6 +174,7 @@ def cost(exp: Path, trials: list[Trial]) -> dict:
             "time_budget": sum(t.status == "time budget" for t in trials),
             "early_stop": sum(t.status == "early stop" for t in trials),
             "complete": sum(t.status == "complete" for t in trials), "errors": sum(t.status == "error" for t in trials),
+            "unfinished": sum(t.status == "unfinished" for t in trials),
             "epochs": sum(len(t.history) for t in trials),
             "cpu_hours": sum(t.seconds * t.cpus for t in trials) / 3600, "wall_s": sum(sessions), "sessions": len(sessions)}
 
@@ -189,7 +191,7 @@ def build_report(exp: str | Path) -> Path:
 
     exp = Path(exp).resolve()
     search = load_yaml(SearchConfig, exp / "search.yaml")
-    trials = load_trials(exp)
+    trials = load_trials(exp, budget=bool(search.time_budget_s))
     scored = sorted([t for t in trials if t.history], key=lambda t: -t.score)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
@@ -237,7 +239,8 @@ def build_report(exp: str | Path) -> Path:
     lines += ["## Search cost", "",
               f"- trials: {figures['trials']} ({figures['complete']} ran all their epochs, {figures['early_stop']} "
               f"stopped by their own early stopping, {figures['stopped_by_asha']} stopped early by ASHA, "
-              f"{figures['time_budget']} cut by the time budget, {figures['errors']} failed)",
+              f"{figures['time_budget']} cut by the time budget, {figures['errors']} failed, "
+              f"{figures['unfinished']} unfinished)",
               f"- epochs trained: {figures['epochs']}; CPU-hours: {figures['cpu_hours']:.3f} (trial time x CPUs)",
               f"- wall time: {figures['wall_s'] / 60:.1f} min over {figures['sessions']} driver session(s), "
               "data preparation and extraction included", "",
