@@ -42,12 +42,8 @@ class Param:
     when: tuple[tuple[str, Any], ...] = ()
 
     def suggest(self, trial) -> Any:
-        if self.type == "bool":
-            return trial.suggest_categorical(self.name, [False, True])
-        if self.type == "categorical":
-            # Optuna's categorical choices must be scalars: lists travel as their JSON text (train_config decodes).
-            choices = [json.dumps(c) if isinstance(c, list) else c for c in self.choices]
-            return trial.suggest_categorical(self.name, choices)
+        if self.type in ("bool", "categorical"):
+            return trial.suggest_categorical(self.name, list(self.distribution().choices))
         if self.type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step or 1)
         return trial.suggest_float(self.name, self.low, self.high, log=self.type == "log-float")
@@ -59,6 +55,7 @@ class Param:
         if self.type == "bool":
             return CategoricalDistribution([False, True])
         if self.type == "categorical":
+            # Optuna's categorical choices must be scalars: lists travel as their JSON text (train_config decodes).
             return CategoricalDistribution([json.dumps(c) if isinstance(c, list) else c for c in self.choices])
         if self.type == "int":
             return IntDistribution(int(self.low), int(self.high), step=self.step or 1)
