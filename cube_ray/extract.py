@@ -50,6 +50,8 @@ class ShardEmbedder:
                 self.entry.write_shard(int(shard), texts, emb)
             except EmbeddingError as e:  # reported by the driver after the other shards are safely written
                 error = str(e)
+            except OSError as e:  # a full disk, a read-only store: the shard is absent, the written ones are kept
+                error = f"cannot write {self.entry.shard_path(int(shard))}: {e}"
             for key, value in zip(out, (int(shard), len(texts), time.perf_counter() - start, self.teacher.width, error)):
                 out[key].append(value)
         return {k: np.array(v) for k, v in out.items()}
@@ -121,8 +123,9 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
         log.info("%s: shard %d/%d written (%d texts, %.1f texts/s overall)", spec.name, done, len(items), embedded, rate)
     seconds = time.perf_counter() - start
     if errors:
-        raise EmbeddingError(f"{len(errors)} shard(s) of teacher {spec.name!r} were rejected and not written "
-                             f"(the other shards are kept; a re-run resumes): {errors[0]}")
+        kind = OSError if errors[0].startswith("cannot write") else EmbeddingError
+        raise kind(f"{len(errors)} shard(s) of teacher {spec.name!r} were not written (the other {done - len(errors)} "
+                   f"are kept; a re-run resumes): {errors[0]}")
     if entry.missing_shards():  # only possible if files vanished underneath us
         raise EmbeddingError(f"{entry.dir}: shards {entry.missing_shards()[:5]} are missing after extraction")
     entry.finish(width or spec.width or 0, seconds)

@@ -43,12 +43,13 @@ class PreparedData:
 
 
 def _filtered(path: Path, cfg: DataConfig, report: FilterReport) -> list[Pair]:
-    pairs, rep = quality_filter(read_pairs(path, cfg.fields, cfg.limit), cfg.min_chars, cfg.max_chars)
+    pairs, rep = quality_filter(read_pairs(path, cfg.fields, cfg.limit), cfg.min_chars, cfg.max_chars, str(path))
     log.info("%s: %s", path, rep.summary())
     report.kept += rep.kept
+    report.truncated += rep.truncated
     report.dropped.update(rep.dropped)
     if not pairs:
-        raise DataError(f"{path}: every row was filtered out ({rep.summary()}); check min_chars/max_chars")
+        raise DataError(f"{path}: every row was filtered out ({rep.summary()}); check min_chars")
     return pairs
 
 
@@ -91,7 +92,8 @@ def prepare(cfg: DataConfig, root: str | Path) -> PreparedData:
 
     sources = [train_path] + ([eval_path] if eval_path else [])
     extra = {"config": {k: v for k, v in to_dict(cfg).items() if k not in ("pairs", "eval_pairs")},
-             "filter": {"kept": report.kept, "dropped": dict(sorted(report.dropped.items()))},
+             "filter": {"kept": report.kept, "truncated": report.truncated,
+                        "dropped": dict(sorted(report.dropped.items()))},
              "decontaminated": dropped_ids,
              "near_duplicates": [[c.split, c.pair_id, c.field, c.train_id, c.jaccard] for c in contamination.near]}
     manifest = build_manifest(splits, sources, extra)

@@ -38,7 +38,7 @@ from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.snapshot import build_student, load_snapshot, save_snapshot
+from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
 
 log = logging.getLogger("cube_ray.train")
@@ -157,12 +157,14 @@ def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]
     return out
 
 
-def _peak_rss_mb(world: int) -> float:
-    """The largest peak RSS of any worker so far (MiB)."""
+def _peak_rss_mb(world: int) -> list[float]:
+    """Every worker's peak RSS so far (MiB), in rank order."""
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item()
+    if world == 1:
+        return [peak.item()]
+    peaks = [torch.zeros_like(peak) for _ in range(world)]
+    dist.all_gather(peaks, peak)
+    return [p.item() for p in peaks]
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -190,13 +192,10 @@ def train_loop_per_worker(config: dict) -> dict:
     schedule = make_schedule(cfg, optimizer, steps_per_epoch)
     state = TrainState()
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
-    # resume_from_checkpoint: the function loads it).
-    resumed = ray.train.get_checkpoint()
-    if resumed is None and config.get("resume_from"):
-        resumed = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if resumed is not None:
-        with resumed.as_directory() as folder:
-            snap = load_snapshot(folder, with_state=True)
+    # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
+    snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]), config["resume"])
+    if snap is not None:
+        check_widths(snap.checkpoint, widths, f"the train split's embeddings in {config['store']}")
         student.load_state_dict(snap.student.state_dict())
         saved = snap.checkpoint.state
         optimizer.load_state_dict(saved["optimizer"])
@@ -221,6 +220,7 @@ def train_loop_per_worker(config: dict) -> dict:
     for cb in callbacks:
         cb.on_start(run)
 
+    peaks: list[float] = []  # each worker's peak RSS, measured every epoch
     last_epoch = min(cfg.epochs, state.epoch + config["stop_after"]) if config.get("stop_after") else cfg.epochs
     while state.epoch < last_epoch and not run.stop:
         for cb in callbacks:
@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> dict:
                    "accumulation": sizer.accumulation, "lr": optimizer.param_groups[0]["lr"],
                    "expected_steps": float(np.mean([parts_sum[f"{t}/steps"] for t in cfg.teachers])),
                    "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
-                   "peak_rss_mb": _peak_rss_mb(world), "time_s": state.seconds + time.perf_counter() - start}
+                   "peak_rss_mb": max(peaks := _peak_rss_mb(world)), "time_s": state.seconds + time.perf_counter() - start}
         metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
         metrics.update({f"train/{k}": v for k, v in parts_sum.items()})
         if cfg.weighting.mode == "adaptive":
@@ -279,7 +279,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     cb.on_checkpoint(run, path)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(metrics, checkpoint=checkpoint)
-    return {"epochs": state.epoch, "stopped": run.stop, "history": state.history, "batch_decisions": state.batch_decisions}
+    return {"epochs": state.epoch, "stopped": run.stop, "history": state.history, "batch_decisions": state.batch_decisions,
+            "worker_peak_rss_mb": peaks}
 
 
 @dataclasses.dataclass
@@ -288,6 +289,7 @@ class FitResult:
     history: list[dict[str, float]]
     stopped: str
     batch_decisions: list[str]
+    worker_peak_rss_mb: list[float]  # each worker's peak RSS, in rank order (of the last attempt)
 
 
 @dataclasses.dataclass
@@ -363,16 +365,16 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     if len(data.parts) != cfg.workers or list(data.specs) != cfg.teachers:
         raise ValueError(f"the prepared data has {len(data.parts)} shard(s) for teachers {list(data.specs)}; this run "
                          f"needs {cfg.workers} for {cfg.teachers}")
-    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-                                                  for t, s in data.specs.items()},
-              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
-              "stop_after": stop_after, "resume_from": str(out / "latest") if resume else None, "data_ref": data.data_ref}
     run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
                   # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
                   "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                                   checkpoint_score_attribute="eval",
                                                                   checkpoint_score_order="max"),
                   "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
+    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+                                                  for t, s in data.specs.items()},
+              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
+              "stop_after": stop_after, "resume": resume, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -383,4 +385,5 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     if result.error:
         raise result.error
     ret = result.return_value or {}
-    return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []))
+    return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
+                     ret.get("worker_peak_rss_mb", []))

@@ -6,6 +6,7 @@ checkpoint alone decides how inputs are preprocessed: evaluation and inference c
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from cube_ray.model import Student
 from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.data import Pairs, load_split
+
+log = logging.getLogger("cube_ray.train")
 
 
 def build_student(cfg: TrainConfig, widths: dict[str, int]) -> Student:
@@ -57,6 +60,41 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     return Snapshot(ck, cfg, student, centres)
 
 
+def check_widths(ck: Checkpoint, widths: dict[str, int], source: str) -> None:
+    """Refuse embeddings whose width differs from the ones the checkpoint's adapters were trained on."""
+    for t, w in widths.items():
+        trained = int(ck.data["widths"].get(t, w))
+        if trained != w:
+            raise CheckpointError(f"{ck.dir}: trained on {trained}-d {t!r} embeddings, but {source} holds {w}-d ones "
+                                  f"(a different model behind the same teacher name?)")
+
+
+def resume_snapshot(ray_checkpoint, out: Path, storage: Path, resume: bool) -> Snapshot | None:
+    """The newest intact checkpoint to continue training from, or None for a fresh start.
+
+    Tried newest first: the checkpoint Ray hands a restarted worker, the run's `latest/` folder, then the older epoch
+    checkpoints Ray kept under `storage` (by time). A damaged one is logged with the file that is wrong and the next
+    is tried, so a truncated or garbled checkpoint costs the epochs since the previous good one, not the run."""
+    if ray_checkpoint is None and not resume:
+        return None
+    older = sorted(storage.glob("*/checkpoint_*"), key=lambda d: (d / "checkpoint.json").stat().st_mtime
+                   if (d / "checkpoint.json").exists() else 0.0, reverse=True)
+    candidates = ([ray_checkpoint] if ray_checkpoint is not None else []) + [out / "latest", *older]
+    tried = []
+    for candidate in candidates:
+        try:
+            if isinstance(candidate, Path):
+                return load_snapshot(candidate, with_state=True)
+            with candidate.as_directory() as folder:  # Ray's checkpoint, possibly on remote storage
+                return load_snapshot(folder, with_state=True)
+        except CheckpointError as e:
+            tried.append(str(e))
+            log.error("cannot resume from this checkpoint: %s; trying the previous one", e)
+        except FileNotFoundError as e:  # a folder that disappeared under retention
+            tried.append(str(e))
+    raise CheckpointError(f"no intact checkpoint to resume from under {out}: " + "; ".join(tried))
+
+
 @dataclasses.dataclass
 class EvalData:
     student: Student
@@ -76,6 +114,8 @@ def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
         held_out = load_split(store, dataset_id, "eval", specs)
     else:
         held_out = _embed_pairs(pairs, store, specs, snap.cfg)
+    for split in (train, held_out):
+        check_widths(snap.checkpoint, {t: x.shape[1] for t, x in split.q.items()}, f"store {store.root}")
     return EvalData(snap.student, snap.centres, train.centred(snap.centres), held_out.centred(snap.centres))
 
 

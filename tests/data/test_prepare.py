@@ -19,9 +19,10 @@ def test_quality_filter_counts_reasons():
     pairs = [P(1, "d", "What is a cube?", "A solid."), P(2, "d", "?!", "A solid."), P(3, "d", "Hi", "A solid."),
              P(4, "d", "What is a cube?", "x" * 50), P(5, "d", "what is a CUBE", "a solid")]
     kept, report = quality_filter(pairs, min_chars=3, max_chars=40)
-    assert [p.id for p in kept] == ["1"]
-    assert dict(report.dropped) == {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1}
-    assert report.kept == 1
+    assert [p.id for p in kept] == ["1", "4"]
+    assert kept[1].answer == "x" * 40  # cut to max_chars, kept
+    assert dict(report.dropped) == {"empty": 1, "too_short": 1, "duplicate": 1}
+    assert (report.kept, report.truncated) == (2, 1)
 
 
 def test_split_is_by_document_and_seeded():
