@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cube_ray.data.manifest import sha256_file
-from cube_ray.fsutil import swap_in
+from cube_ray.fsutil import recover_swap, swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 1
@@ -70,6 +70,7 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
 
 def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
     path = Path(path)
+    recover_swap(path)  # a save killed between its two renames left the previous checkpoint aside
     index = path / "checkpoint.json"
     if not index.exists():
         raise CheckpointError(f"{index}: missing; {path} is not a complete cube_ray checkpoint")

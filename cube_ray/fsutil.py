@@ -46,6 +46,19 @@ def swap_in(tmp: str | Path, path: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_swap(path: str | Path) -> bool:
+    """Undo a swap_in cut between its two renames: `path` is absent, its previous version lies aside as
+    `.old-<name>-<pid>`. Put that back; returns whether it did."""
+    path = Path(path)
+    if path.exists():
+        return False
+    aside = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    aside[-1].rename(path)
+    return True
+
+
 def remove_stale_tmp(folder: str | Path) -> int:
     """Delete leftovers of interrupted atomic writes in `folder`; returns how many."""
     n = 0

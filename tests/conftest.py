@@ -12,6 +12,44 @@ from cube_ray.teachers.registry import TeacherSpec, get_teacher
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v1.1-sentences"
 
 
+def pytest_collection_modifyitems(items):
+    """A test that describes itself with the `reliability` fixture is part of the reliability suite
+    (`pytest -m reliability`), wherever it lives."""
+    for item in items:
+        if "reliability" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reliability)
+
+
+@pytest.fixture
+def reliability(record_property):
+    """Describe a reliability scenario for results/reliability.md (scripts/reliability.py reads these from the
+    JUnit XML): `scenario` and `done` up front, then `outcome` and `lost` once the test has checked them."""
+    def record(**fields: str) -> None:
+        for key, value in fields.items():
+            record_property(key, value)
+    return record
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Make a folder a size-limited filesystem (tmpfs) to run out of space in: `small_disk(folder, "2m")`."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One real local Ray session for the whole module (Ray takes ~8 s to start here)."""

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.evaluate import student_metrics
+from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
@@ -203,7 +204,8 @@ def train_loop_per_worker(config: dict) -> dict:
             schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["train_state"])
         state.restore_rng()
-        log.info("rank %d: resumed after epoch %d (step %d)", rank, state.epoch, state.global_step)
+        log.info("rank %d: resumed from %s after epoch %d (step %d)", rank, snap.checkpoint.dir, state.epoch,
+                 state.global_step)
     else:
         seed_everything(cfg.seed * 1000 + rank + 1)  # stochastic cell updates differ per rank, reproducibly
     share = cfg.batch_size // world + (rank < cfg.batch_size % world)
@@ -280,7 +282,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(metrics, checkpoint=checkpoint)
     return {"epochs": state.epoch, "stopped": run.stop, "history": state.history, "batch_decisions": state.batch_decisions,
-            "worker_peak_rss_mb": peaks}
+            "worker_peak_rss_mb": peaks, "resumed_from": str(snap.checkpoint.dir) if snap is not None else None}
 
 
 @dataclasses.dataclass
@@ -290,6 +292,7 @@ class FitResult:
     stopped: str
     batch_decisions: list[str]
     worker_peak_rss_mb: list[float]  # each worker's peak RSS, in rank order (of the last attempt)
+    resumed_from: str | None  # the checkpoint the last attempt continued from
 
 
 @dataclasses.dataclass
@@ -354,6 +357,7 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     from ray.train.torch import TorchTrainer
 
     out = Path(out).resolve()
+    recover_swap(out / "latest")
     if (out / "latest").exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
                               f"or choose another --out")
@@ -386,4 +390,4 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
         raise result.error
     ret = result.return_value or {}
     return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
-                     ret.get("worker_peak_rss_mb", []))
+                     ret.get("worker_peak_rss_mb", []), ret.get("resumed_from"))

@@ -77,7 +77,7 @@ def resume_snapshot(ray_checkpoint, out: Path, storage: Path, resume: bool) -> S
     is tried, so a truncated or garbled checkpoint costs the epochs since the previous good one, not the run."""
     if ray_checkpoint is None and not resume:
         return None
-    older = sorted(storage.glob("*/checkpoint_*"), key=lambda d: (d / "checkpoint.json").stat().st_mtime
+    older = sorted((d for d in storage.glob("*/checkpoint_*") if d.is_dir()), key=lambda d: (d / "checkpoint.json").stat().st_mtime
                    if (d / "checkpoint.json").exists() else 0.0, reverse=True)
     candidates = ([ray_checkpoint] if ray_checkpoint is not None else []) + [out / "latest", *older]
     tried = []

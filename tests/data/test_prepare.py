@@ -49,7 +49,8 @@ def test_manifest_identical_across_runs(tmp_path):
     assert prepare(DataConfig(seed=1, limit=100), tmp_path / "c").dataset_id != a.dataset_id
 
 
-def test_contamination_refuses_and_lists_examples(tmp_path):
+def test_contamination_refuses_and_lists_examples(tmp_path, reliability):
+    reliability(scenario="bad input: contaminated split", done="an eval question also in train (after normalisation)")
     train = write_jsonl(tmp_path / "train.jsonl", [
         {"id": "t1", "doc_id": "A", "question": "Who built the first cube?", "answer": "Rubik built it in 1974."},
         {"id": "t2", "doc_id": "B", "question": "Where is the museum of cubes located?", "answer": "It is in Budapest, Hungary."}])
@@ -64,6 +65,8 @@ def test_contamination_refuses_and_lists_examples(tmp_path):
     clean = prepare(DataConfig(pairs=str(train), eval_pairs=str(evals), decontaminate=True), tmp_path / "store")
     assert [p.id for p in clean.splits["eval"]] == ["e2"]
     assert clean.manifest["decontaminated"] == ["e1"]
+    reliability(outcome="ContaminationError listing 'eval e1 question' and --decontaminate; no dataset written; "
+                        "--decontaminate drops e1 and records it", lost="none")
 
 
 def test_near_duplicates_are_warnings_not_errors():

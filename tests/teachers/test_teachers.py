@@ -56,15 +56,19 @@ def test_smollm2_loads_from_gguf():
     assert type(teacher.model).__name__ == "LlamaModel"
 
 
-def test_unknown_teacher_lists_known_ones():
+def test_unknown_teacher_lists_known_ones(reliability):
+    reliability(scenario="bad input: unknown teacher", done="teacher name 'gpt5'")
     with pytest.raises(TeacherError, match=r"unknown teacher 'gpt5'; known: .*minilm.*smollm2"):
         get_teacher("gpt5")
+    reliability(outcome="TeacherError listing the known teachers, before Ray starts", lost="none")
 
 
-def test_missing_local_path_says_how_to_fix(tmp_path):
+def test_missing_local_path_says_how_to_fix(tmp_path, reliability):
+    reliability(scenario="bad input: missing local model path", done="a llama teacher whose folder does not exist")
     spec = TeacherSpec(name="mine", family="llama", source=str(tmp_path / "no-such-model"))
     with pytest.raises(TeacherError, match=r"teacher 'mine': local model folder .*no-such-model' does not exist"):
         Teacher(spec)
+    reliability(outcome="TeacherError naming the teacher and the folder", lost="none")
 
 
 def test_uncached_hub_model_offline_says_how_to_get_it(monkeypatch, tmp_path):

@@ -63,12 +63,14 @@ def test_sampling_is_seeded_and_lists_round_trip():
     ("params: {}\n", r"non-empty 'params'"),
     ("params: [\n", r"not valid YAML"),
 ])
-def test_malformed_space_names_file_key_and_problem(tmp_path, text, message):
+def test_malformed_space_names_file_key_and_problem(tmp_path, text, message, reliability):
+    reliability(scenario="bad input: malformed search space", done=f"space file {text.strip()!r}")
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message) as e:
         load_space(path)
     assert str(path) in str(e.value)
+    reliability(outcome=f"ConfigError naming the file: {str(e.value).replace(str(path), 'bad.yaml')[:120]}", lost="none")
 
 
 def test_unknown_space_lists_known_ones():
