@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict) -> dict:
     state = TrainState()
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
     # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
-    snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]), config["resume"])
+    snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))
     if snap is not None:
         check_widths(snap.checkpoint, widths, f"the train split's embeddings in {config['store']}")
         student.load_state_dict(snap.student.state_dict())
@@ -378,7 +378,7 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
                                                   for t, s in data.specs.items()},
               "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
-              "stop_after": stop_after, "resume": resume, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref}
+              "stop_after": stop_after, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),

@@ -69,30 +69,43 @@ def check_widths(ck: Checkpoint, widths: dict[str, int], source: str) -> None:
                                   f"(a different model behind the same teacher name?)")
 
 
-def resume_snapshot(ray_checkpoint, out: Path, storage: Path, resume: bool) -> Snapshot | None:
+def resume_snapshot(ray_checkpoint, out: Path, storage: Path) -> Snapshot | None:
     """The newest intact checkpoint to continue training from, or None for a fresh start.
 
-    Tried newest first: the checkpoint Ray hands a restarted worker, the run's `latest/` folder, then the older epoch
-    checkpoints Ray kept under `storage` (by time). A damaged one is logged with the file that is wrong and the next
-    is tried, so a truncated or garbled checkpoint costs the epochs since the previous good one, not the run."""
-    if ray_checkpoint is None and not resume:
+    The further on of the checkpoint Ray hands a restarted worker and the run's `latest/` folder; if neither is
+    intact, the older epoch checkpoints Ray kept under `storage`, newest first. A damaged one is logged with the file
+    that is wrong and skipped, so a truncated or garbled checkpoint costs the epochs since the previous good one.
+
+    `latest/` is written before Ray's copy, so it is ahead when a node dies with checkpoints its worker reported but
+    Ray's controller had not registered yet (Ray then restarts the group from an older one, or from none). `fit`
+    refuses to start a fresh run in a folder that holds a `latest/`, so whatever is found here belongs to this run."""
+    if ray_checkpoint is None and not (out / "latest").exists():
         return None
-    older = sorted((d for d in storage.glob("*/checkpoint_*") if d.is_dir()), key=lambda d: (d / "checkpoint.json").stat().st_mtime
-                   if (d / "checkpoint.json").exists() else 0.0, reverse=True)
-    candidates = ([ray_checkpoint] if ray_checkpoint is not None else []) + [out / "latest", *older]
-    tried = []
-    for candidate in candidates:
+    tried: list[str] = []
+
+    def load(candidate) -> Snapshot | None:
         try:
             if isinstance(candidate, Path):
                 return load_snapshot(candidate, with_state=True)
             with candidate.as_directory() as folder:  # Ray's checkpoint, possibly on remote storage
                 return load_snapshot(folder, with_state=True)
         except CheckpointError as e:
-            tried.append(str(e))
             log.error("cannot resume from this checkpoint: %s; trying the previous one", e)
         except FileNotFoundError as e:  # a folder that disappeared under retention
-            tried.append(str(e))
-    raise CheckpointError(f"no intact checkpoint to resume from under {out}: " + "; ".join(tried))
+            log.error("cannot resume from a checkpoint that vanished: %s", e)
+        tried.append(str(candidate))
+        return None
+
+    newest = [snap for c in ([ray_checkpoint] if ray_checkpoint is not None else []) + [out / "latest"]
+              if (snap := load(c)) is not None]
+    if newest:
+        return max(newest, key=lambda snap: snap.checkpoint.state["train_state"]["epoch"])
+    older = sorted((d for d in storage.glob("*/checkpoint_*") if d.is_dir()), key=lambda d: (d / "checkpoint.json").stat().st_mtime
+                   if (d / "checkpoint.json").exists() else 0.0, reverse=True)
+    for candidate in older:
+        if (snap := load(candidate)) is not None:
+            return snap
+    raise CheckpointError(f"no intact checkpoint to resume from under {out} (tried {', '.join(tried)})")
 
 
 @dataclasses.dataclass

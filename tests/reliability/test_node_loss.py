@@ -1,0 +1,85 @@
+"""A lost node in the middle of a search, on a real two-node Ray cluster on this machine (`ray.cluster_utils.Cluster`):
+two trials run at once, one on each node; the worker node is removed without warning while its trial trains; that
+trial continues from its checkpoint on the head node, and the experiment completes with both trials."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cube_ray.checkpoint import load_checkpoint
+from cube_ray.tune.runner import FINISHED, TRIAL
+
+EPOCHS = 14
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The head node only; the test adds the worker node once the search driver has prepared its data, so the
+    data blocks every trial reads live on the node that stays."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    ray.init(address=c.address, logging_level="ERROR")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def history(trial) -> list[dict]:
+    return load_checkpoint(trial / "latest").state["train_state"]["history"]
+
+
+def train_worker_nodes() -> dict[str, str]:
+    """Alive Ray Train workers: actor id -> node id."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def test_lost_node_trial_resumes_on_the_remaining_node(cluster, tmp_path, reliability):
+    reliability(scenario="node loss", done=f"2-node cluster (1 CPU each), 2 trials of {EPOCHS} epochs at once, one per "
+                                           "node; worker node removed (not graceful) after its trial's first checkpoint")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"base": "smoke", "params": {
+        "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}, "epochs": {"type": "categorical", "choices": [EPOCHS]}}}))
+    exp, log = tmp_path / "out" / "nodes", tmp_path / "driver.log"
+    cmd = [sys.executable, "-m", "cube_ray.tune", "--space", str(space), "--num-samples", "2", "--max-concurrent", "2",
+           "--grace-period", str(EPOCHS), "--name", "nodes", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"),
+           "--limit", "300", "--address", cluster.address, "--seed", "1"]
+    with open(log, "w") as f:
+        driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+    def wait_for(condition, timeout=600):
+        deadline = time.time() + timeout
+        while not condition():
+            assert driver.poll() is None or condition(), f"driver exited early:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    trials = lambda: sorted(p.parent for p in exp.glob(f"trial_*/{TRIAL}"))  # noqa: E731
+    with_checkpoint = lambda: [t for t in trials() if (t / "latest").exists()]  # noqa: E731
+    wait_for(lambda: len(trials()) == 2 and len(with_checkpoint()) == 1)  # one trial trains on the 1-CPU head
+    (on_head,) = with_checkpoint()
+    worker = cluster.add_node(num_cpus=1)
+    wait_for(lambda: len(with_checkpoint()) == 2)  # the other one has trained an epoch on the new node
+    nodes = train_worker_nodes()
+    assert set(nodes.values()) == {cluster.head_node.node_id, worker.node_id}, nodes
+    (on_worker,) = [t for t in trials() if t != on_head]
+    before = history(on_worker)
+    assert not (on_worker / FINISHED).exists()
+    cluster.remove_node(worker, allow_graceful=False)
+
+    wait_for(lambda: driver.poll() is not None, timeout=900)
+    assert driver.returncode == 0, log.read_text()[-3000:]
+    figures = json.loads((exp / "report.json").read_text())
+    assert figures["cost"]["trials"] == 2 and figures["cost"]["complete"] == 2, figures["cost"]
+    after = history(on_worker)
+    assert [r["epoch"] for r in after] == list(range(1, EPOCHS + 1))
+    # continued from its checkpoint: the epochs before the loss are the very rows written then (timings included)
+    assert after[:len(before)] == before
+    reliability(outcome=f"the trial on the lost node continued after epoch {len(before)} on the head node; "
+                        f"experiment complete, 2 of 2 trials finished", lost="none")
