@@ -34,7 +34,7 @@ from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
-from cube_ray.store import EmbeddingStore
+from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics
@@ -333,8 +333,14 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     # the read tasks of a streaming dataset and wait for them forever.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = pairs_dataset(prepared.dir, "train", entries)
-    parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
-        else [train.materialize()]
+    try:
+        parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
+            else [train.materialize()]
+    except Exception as e:  # bad embeddings in the store surface inside Ray Data's task error: say just that
+        message = _embedding_error(e)
+        if message is None:
+            raise
+        raise EmbeddingError(f"store {store.root}: {message}") from None
     for part in parts:  # workers read their shard once; the epoch log is the progress
         part.context.enable_progress_bars = False
     widths = {t: entries[t].info["width"] for t in cfg.teachers}
@@ -342,6 +348,16 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
                 "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
                 "entries": {t: str(e.dir) for t, e in entries.items()}}
     return RunData(str(store.root), prepared.dataset_id, specs, rows, parts, data_ref)
+
+
+def _embedding_error(error: BaseException) -> str | None:
+    """The EmbeddingError message inside a Ray Data failure. Ray Data hands the driver a RayTaskError wrapping a
+    UserCodeException whose original exception survives only as traceback text, so read it from there."""
+    marker = f"{EmbeddingError.__module__}.{EmbeddingError.__name__}: "
+    for line in str(error).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,

@@ -22,7 +22,7 @@ from cube_ray.config import DataConfig, TrainConfig
 from cube_ray.data.prepare import prepare
 from cube_ray.extract import extract_teacher
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
-from cube_ray.store import EmbeddingStore, Entry, shard_order
+from cube_ray.store import EmbeddingError, EmbeddingStore, Entry, shard_order
 from cube_ray.teachers.registry import get_teacher
 from cube_ray.train.loop import fit
 from cube_ray.train.snapshot import load_for_eval, load_snapshot
@@ -183,8 +183,8 @@ def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(store, tmp_pat
 
 
 def test_full_disk_during_extraction_keeps_written_shards(tmp_path, small_disk, ray_local, reliability):
-    reliability(scenario="bad input: full disk during extraction", done="store on a 1 MB tmpfs; minilm on 600 texts "
-                                                                      "(3 shards of ~400 kB)")
+    reliability(scenario="bad input: full disk during extraction", done=f"store on a 1 MB tmpfs; minilm on the "
+                                                                      f"sample's first {LIMIT} pairs (shards of ~400 kB)")
     root = small_disk(tmp_path / "disk", "1m")
     prepared = prepare(DataConfig(limit=LIMIT), root)
     texts, spec, store = prepared.unique_texts(), get_teacher("minilm"), EmbeddingStore(root)
@@ -200,7 +200,8 @@ def test_full_disk_during_extraction_keeps_written_shards(tmp_path, small_disk, 
     again = extract_teacher(texts, spec, store, concurrency=1)
     assert again.entry.complete and again.embedded == len(texts) - 256 * len(written)
     reliability(outcome=f"OSError naming the shard file and 'No space left on device'; no entry.json; "
-                        f"{len(written)} of {entry.n_shards} shards kept; with space, the re-run embedded only the rest",
+                        f"{len(written)} of {entry.n_shards} shards kept; with space, the re-run embedded only the "
+                        f"{again.embedded} missing texts",
                 lost="none")
 
 
@@ -228,11 +229,11 @@ def test_nan_and_inf_embeddings_in_the_store_are_refused(store, trained, tmp_pat
     emb[5, 7], emb[9, 0] = np.nan, np.inf
     table = table.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
     pq.write_table(table, shard)
-    with pytest.raises(Exception, match=r"teacher 'minilm': \d+ non-finite \(NaN or inf\) embedding\(s\); first at "
-                                        r"text row \d+") as e:
+    with pytest.raises(EmbeddingError, match=rf"^store {root}: teacher 'minilm': \d+ non-finite \(NaN or inf\) "
+                                             r"embedding\(s\); first at text row \d+: '.+'$") as e:
         fit(cfg(epochs=1), root, tmp_path / "run")
     assert not (tmp_path / "run" / "latest").exists()  # nothing trained on it, no checkpoint
-    reliability(outcome=f"EmbeddingError before any training: {str(e.value).splitlines()[-1][-110:]}",
+    reliability(outcome=f"EmbeddingError before any training: {str(e.value).replace(str(root), 'STORE')[:110]}",
                 lost="none (no checkpoint written)")
 
 
