@@ -51,8 +51,8 @@ def write_pairs(path: Path, n: int, seed: int, prefix: str) -> None:
 def fill_store(store: EmbeddingStore, texts: list[str], seed: int) -> int:
     """Write valid embeddings of `texts` under the minilm fingerprint, one shard at a time; returns bytes on disk."""
     rng = np.random.default_rng(seed)
-    entry = store.entry(get_teacher("minilm"), shard_order(texts))
     ordered = shard_order(texts)
+    entry = store.entry(get_teacher("minilm"), ordered)
     for i in range(entry.n_shards):
         chunk = ordered[i * SHARD_SIZE:(i + 1) * SHARD_SIZE]
         emb = rng.standard_normal((len(chunk), WIDTH)).astype(np.float32)

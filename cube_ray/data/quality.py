@@ -35,11 +35,13 @@ def quality_filter(pairs: list[Pair], min_chars: int, max_chars: int, source: st
     report = FilterReport()
     seen: set[tuple[str, str]] = set()
     kept: list[Pair] = []
+    where = f"{source}: " if source else ""
     for p in pairs:
-        if max(len(p.question), len(p.answer)) > max_chars:
+        longest = max(len(p.question), len(p.answer))
+        if longest > max_chars:
             if report.truncated < 3:
-                log.warning("%spair %r: a text of %d characters was truncated to max_chars=%d", f"{source}: " if source
-                            else "", p.id, max(len(p.question), len(p.answer)), max_chars)
+                log.warning("%spair %r: a text of %d characters was truncated to max_chars=%d", where, p.id, longest,
+                            max_chars)
             report.truncated += 1
             p = dataclasses.replace(p, question=p.question[:max_chars], answer=p.answer[:max_chars])
         nq, na = normalise(p.question), normalise(p.answer)
@@ -56,6 +58,5 @@ def quality_filter(pairs: list[Pair], min_chars: int, max_chars: int, source: st
         report.dropped[reason] += 1
     report.kept = len(kept)
     if report.truncated > 3:
-        log.warning("%s%d pairs had a text over max_chars=%d and were truncated", f"{source}: " if source else "",
-                    report.truncated, max_chars)
+        log.warning("%s%d pairs had a text over max_chars=%d and were truncated", where, report.truncated, max_chars)
     return kept, report
