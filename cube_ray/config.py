@@ -129,10 +129,15 @@ class DataConfig:
     split_ratios: dict[str, float] = dataclasses.field(default_factory=lambda: {"train": 0.85, "eval": 0.15})
     seed: int = 0
     decontaminate: bool = False  # drop eval rows that collide with train instead of refusing
+    # Move this fraction of the train split (whole documents) into a "val" split, which then picks models (per-epoch
+    # eval, early stopping, best checkpoint, the search) instead of "eval": the eval split stays unseen until the report.
+    val_fraction: float = 0.0
 
     def validate(self) -> None:
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
             raise ValueError(f"need 0 <= min_chars < max_chars, got {self.min_chars}, {self.max_chars}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be positive, got {self.limit}")
         if "train" not in self.split_ratios:
@@ -210,6 +215,9 @@ class SearchConfig:
     keep_checkpoints: int = 2  # per trial: the best K by the eval metric (plus the latest)
     max_failures: int = 2  # retries of a trial, and of its Train run, after a crash
     time_budget_s: float | None = None  # stop starting and running trials after this long
+    # Cap every trial's epochs (and ASHA's max_t) whatever the space samples: stage247's 10-25 epochs of a large cube
+    # on 20k pairs are hours per trial on a laptop. The schedule then spans the capped run.
+    max_epochs: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -218,6 +226,8 @@ class SearchConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
         self.data.validate()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
+from cube_ray.data.split import selection_split
 from cube_ray.fsutil import atomic_write_text
 
 log = logging.getLogger("cube_ray.report")
@@ -206,10 +207,14 @@ def build_report(exp: str | Path) -> Path:
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
 
     teachers = best.config.teachers
+    selection = selection_split(json.loads((best.dir / "best_eval" / "data.json").read_text())["splits"])
     lines = [f"# Search report: {exp.name}", "",
-             f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on held-out "
-             f"{metric.upper()} (`eval`, mean over teachers {', '.join(teachers)}), epochs as the time attribute "
-             f"(grace {search.grace_period}, reduction factor {search.reduction_factor}). "
+             f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
+             f"{selection} split's {metric.upper()} (`eval`, mean over teachers {', '.join(teachers)}), epochs as the "
+             f"time attribute (grace {search.grace_period}, reduction factor {search.reduction_factor}"
+             + (f", at most {search.max_epochs} epochs per trial" if search.max_epochs else "") + "). "
+             + ("The held-out table below is on the eval split, which picked nothing. " if selection != "eval" else
+                "Models were picked on the eval split itself (no --val-fraction), so its figures below are optimistic. ") +
              f"Rebuild: `python -m cube_ray.report {exp}`.", "",
              "## Leaderboard", "",
              "| # | trial | eval | " + " | ".join(f"{t} MRR" for t in teachers) + " | best epoch / run / planned | status "

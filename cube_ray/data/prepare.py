@@ -19,7 +19,7 @@ from cube_ray.data.contamination import ContaminationReport, find_contamination
 from cube_ray.data.manifest import build_manifest, dumps
 from cube_ray.data.quality import FilterReport, quality_filter
 from cube_ray.data.readers import DataError, Pair, read_pairs, sample_paths
-from cube_ray.data.split import split_by_document
+from cube_ray.data.split import VALIDATION, split_by_document
 from cube_ray.fsutil import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def prepare(cfg: DataConfig, root: str | Path) -> PreparedData:
         splits["eval"] = _filtered(eval_path, cfg, report)
     else:
         splits = split_by_document(pairs, cfg.split_ratios, cfg.seed)
+    if cfg.val_fraction:
+        splits.update(split_by_document(splits["train"], {"train": 1 - cfg.val_fraction, VALIDATION: cfg.val_fraction},
+                                        cfg.seed))
 
     contamination = find_contamination(splits)
     dropped_ids: list[str] = []

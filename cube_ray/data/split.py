@@ -6,6 +6,15 @@ from collections import defaultdict
 
 from cube_ray.data.readers import DataError, Pair
 
+VALIDATION = "val"
+
+
+def selection_split(split_names) -> str:
+    """The split that picks models (per-epoch eval, early stopping, best checkpoint, ASHA, Optuna): "val" where the
+    data has one, else "eval". With a val split the eval split is touched only by the final report, so its
+    figures are not inflated by having been selected on."""
+    return VALIDATION if VALIDATION in split_names else "eval"
+
 
 def split_by_document(pairs: list[Pair], ratios: dict[str, float], seed: int) -> dict[str, list[Pair]]:
     """Assign whole documents to splits so each split's row count is close to its ratio.

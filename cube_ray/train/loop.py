@@ -4,7 +4,7 @@
 `train_loop_per_worker`:
 
   1. read its shard of the train split (a Ray Dataset of pairs with embeddings, split deterministically by the
-     driver) into tensors, and the eval split from the store;
+     driver) into tensors, and the selection split from the store (`val` where the data has one, else `eval`);
   2. centre every teacher on the train mean (all-reduced over workers), build the student (same seed on every
      rank, so DDP starts from identical weights), the optimiser and the schedule;
   3. resume from the latest checkpoint if Ray hands one over (a restarted worker or `--resume`): weights,
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
+from cube_ray.data.split import selection_split
 from cube_ray.evaluate import student_metrics
 from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
@@ -181,7 +182,7 @@ def train_loop_per_worker(config: dict) -> dict:
     shard = load_shard(ray.train.get_dataset_shard(f"train_{rank}"), cfg.teachers)
     centres = _centres(cfg, shard, world)
     shard = shard.centred(centres)
-    eval_pairs = load_split(store, config["dataset_id"], "eval", specs).centred(centres)
+    eval_pairs = load_split(store, config["dataset_id"], selection_split(config["data_ref"]["splits"]), specs).centred(centres)
     widths = {t: shard.q[t].shape[1] for t in cfg.teachers}
 
     seed_everything(cfg.seed)  # identical initial weights on every rank

@@ -49,6 +49,19 @@ def test_manifest_identical_across_runs(tmp_path):
     assert prepare(DataConfig(seed=1, limit=100), tmp_path / "c").dataset_id != a.dataset_id
 
 
+def test_val_fraction_carves_whole_documents_from_train_only(tmp_path):
+    plain = prepare(DataConfig(seed=1), tmp_path)
+    held = prepare(DataConfig(seed=1, val_fraction=0.2), tmp_path)
+    docs = {name: {p.doc_id for p in ps} for name, ps in held.splits.items()}
+    assert set(held.splits) == {"train", "val", "eval"}
+    assert not docs["val"] & docs["train"] and not docs["val"] & docs["eval"]
+    assert held.splits["eval"] == plain.splits["eval"]  # the report's split does not move
+    assert sorted(held.splits["train"] + held.splits["val"], key=lambda p: p.id) == sorted(plain.splits["train"], key=lambda p: p.id)
+    assert abs(len(held.splits["val"]) / len(plain.splits["train"]) - 0.2) < 0.1
+    assert held.manifest["splits"]["val"]["rows"] == len(held.splits["val"]) and held.dataset_id != plain.dataset_id
+    assert set(held.unique_texts()) == set(plain.unique_texts())  # the same texts: one store entry serves both
+
+
 def test_contamination_refuses_and_lists_examples(tmp_path, reliability):
     reliability(scenario="bad input: contaminated split", done="an eval question also in train (after normalisation)")
     train = write_jsonl(tmp_path / "train.jsonl", [
@@ -95,6 +108,8 @@ def test_every_row_filtered_out_is_an_error(tmp_path):
 def test_data_config_validation_names_the_key():
     with pytest.raises(ConfigError, match=r"config.split_ratios: expected a mapping"):
         from_dict(DataConfig, {"split_ratios": [0.5, 0.5]})
+    with pytest.raises(ConfigError, match=r"config: val_fraction must be in \[0, 1\), got 1.0"):
+        from_dict(DataConfig, {"val_fraction": 1.0})
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(DataConfig, {"split_ratio": {"train": 1.0}})
     with pytest.raises(ConfigError, match="sum to 1"):

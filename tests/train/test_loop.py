@@ -8,6 +8,9 @@ from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, TrainConfig
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.train.loop import fit
+from cube_ray.evaluate import student_metrics
+from cube_ray.store import EmbeddingStore
+from cube_ray.train.data import load_split
 from cube_ray.train.snapshot import load_snapshot
 
 
@@ -50,6 +53,18 @@ def test_two_workers_write_three_checkpoints_and_eval_samples(store, tmp_path):
     assert sample.count("Q: ") == 2 and sample.count("GOLD: ") == 2 and "  1. (" in sample
     assert (tmp_path / "run" / "eval_samples" / "epoch_001.txt").exists()
     assert result.history[-1]["samples_per_s"] > 0 and 1 <= result.history[-1]["expected_steps"] <= 3
+
+
+def test_a_val_split_picks_the_model_and_eval_stays_unseen(store, tmp_path):
+    result = fit(small(data=DataConfig(limit=300, val_fraction=0.3), epochs=1), store, tmp_path / "run")
+    snap = load_snapshot(tmp_path / "run" / "latest")
+    data = snap.checkpoint.data
+    assert set(data["splits"]) == {"train", "val", "eval"}
+    split = {name: load_split(EmbeddingStore(store), data["dataset_id"], name, snap.checkpoint.teachers).centred(snap.centres)
+             for name in ("val", "eval")}
+    scored = {name: student_metrics(snap.student, pairs)["minilm"]["mrr"] for name, pairs in split.items()}
+    assert result.history[-1]["minilm/mrr"] == pytest.approx(scored["val"], abs=1e-6)
+    assert result.history[-1]["minilm/mrr"] != pytest.approx(scored["eval"], abs=1e-3)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
