@@ -1,6 +1,6 @@
 """python -m cube_ray.tune --space stage247 [--num-samples N] [--max-concurrent K] [--workers-per-trial W]
 [--teachers a,b] [--pairs FILE] [--eval-pairs FILE] [--address auto] [--name EXP] [--out DIR] [--resume] [--seed S]
-[--time-budget-s T]"""
+[--time-budget-s T] [--max-epochs E] [--val-fraction F]"""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (its saved settings win)")
     p.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
                    help="stop the search (not extraction) after this many seconds; 0 = no limit (default: %(default)s)")
+    p.add_argument("--max-epochs", type=int, help="cap every trial's epochs, whatever the space samples (default: no cap)")
     p.add_argument("--grace-period", type=int, default=SearchConfig.grace_period, help="ASHA: epochs before a trial can be stopped (default: %(default)s)")
     p.add_argument("--reduction-factor", type=int, default=SearchConfig.reduction_factor, help="ASHA reduction factor (default: %(default)s)")
     p.add_argument("--keep-checkpoints", type=int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             teacher_config=str(Path(args.teacher_config).resolve()) if args.teacher_config else None,
             num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
             grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-            keep_checkpoints=args.keep_checkpoints, time_budget_s=args.time_budget_s or None, seed=args.seed)
+            keep_checkpoints=args.keep_checkpoints, time_budget_s=args.time_budget_s or None,
+            max_epochs=args.max_epochs, seed=args.seed)
     from cube_ray.tune.runner import run_search
 
     exp = run_search(search, address=args.address, resume=args.resume)

@@ -48,7 +48,7 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path):
             return action
 
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
-    return RecordingASHA(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space),
+    return RecordingASHA(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space, search.max_epochs),
                          grace_period=search.grace_period, reduction_factor=search.reduction_factor,
                          stop_last_trials=False)
 
@@ -68,12 +68,20 @@ def space_for(search: SearchConfig) -> SearchSpace:
     return dataclasses.replace(space, base=base)
 
 
-def max_epochs(space: SearchSpace) -> int:
-    """ASHA's max_t: the largest epoch count any trial can draw."""
-    for p in space.params:
-        if p.name == "epochs":
-            return int(max(p.choices) if p.choices else p.high)
-    return space.base.epochs
+def max_epochs(space: SearchSpace, cap: int | None = None) -> int:
+    """ASHA's max_t: the largest epoch count any trial can draw (at most `cap`)."""
+    drawn = next((int(max(p.choices) if p.choices else p.high) for p in space.params if p.name == "epochs"),
+                 space.base.epochs)
+    return min(drawn, cap or drawn)
+
+
+def trial_config(config: dict, search: SearchConfig, space: SearchSpace):
+    """The TrainConfig of one trial's sampled values, its epochs capped by the search's max_epochs."""
+    cfg = space.train_config(config)
+    if search.max_epochs:
+        cfg.epochs = min(cfg.epochs, search.max_epochs)
+    cfg.validate()
+    return cfg
 
 
 def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> None:
@@ -88,8 +96,7 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
     # checkpoints land where a restarted trial, --resume and the report look for them.
     trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
     prune_unregistered_checkpoints(trial_dir / "train")
-    cfg = space.train_config(config)
-    cfg.validate()
+    cfg = trial_config(config, search, space)
     trial_dir.mkdir(parents=True, exist_ok=True)  # the sampled values, flat, beside the trial's checkpoints
     atomic_write_text(trial_dir / TRIAL, json.dumps(flatten(config)))
     result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data,

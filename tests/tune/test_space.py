@@ -2,7 +2,8 @@
 import optuna
 import pytest
 
-from cube_ray.config import ConfigError
+from cube_ray.config import ConfigError, SearchConfig, from_dict
+from cube_ray.tune.runner import max_epochs, space_for, trial_config
 from cube_ray.tune.space import SPACES, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -76,3 +77,15 @@ def test_malformed_space_names_file_key_and_problem(tmp_path, text, message, rel
 def test_unknown_space_lists_known_ones():
     with pytest.raises(ConfigError, match=r"no such search space; known: .*stage247"):
         load_space("stage999")
+
+
+def test_max_epochs_caps_every_trial_and_asha():
+    capped, free = SearchConfig(max_epochs=3), SearchConfig()
+    space = space_for(capped)
+    assert (max_epochs(space, capped.max_epochs), max_epochs(space, free.max_epochs)) == (3, 25)  # stage247: 10-25
+    for params in sample(space, 5, seed=2):
+        assert params["epochs"] >= 10
+        assert trial_config(params, capped, space).epochs == 3
+        assert trial_config(params, free, space).epochs == params["epochs"]
+    with pytest.raises(ConfigError, match=r"max_epochs must be at least 1, got 0"):
+        from_dict(SearchConfig, {"max_epochs": 0})
