@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, Entry, check_embeddings, shard_order
+from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, Entry, check_embeddings, shard_order, text_id
 from cube_ray.fsutil import remove_stale_tmp
 from cube_ray.teachers.registry import TeacherSpec
 
@@ -27,9 +28,12 @@ log = logging.getLogger("cube_ray.extract")
 
 
 class ShardEmbedder:
-    """Ray Data actor: loads one teacher once, then embeds and writes whole shards."""
+    """Ray Data actor: loads one teacher once, then embeds and writes whole shards.
 
-    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int):
+    `known` = (text ids, their embeddings) taken from earlier entries of the same teacher: those texts are copied,
+    not embedded again."""
+
+    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int, known: tuple[list[str], np.ndarray]):
         import ray
 
         from cube_ray.teachers.model import Teacher
@@ -37,13 +41,27 @@ class ShardEmbedder:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         self.teacher = Teacher(spec, threads=max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS; torch needs telling too
         self.entry, self.batch_size = entry, batch_size
+        self.known_row, self.known = {tid: i for i, tid in enumerate(known[0])}, known[1]
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The shard's embeddings, and how many of them the model computed (the rest were known)."""
+        rows = [self.known_row.get(text_id(t)) for t in texts]
+        todo = [j for j, r in enumerate(rows) if r is None]
+        if len(todo) == len(texts):
+            return self.teacher.embed(texts, self.batch_size), len(todo)
+        emb = np.empty((len(texts), self.known.shape[1]), dtype=np.float32)
+        done = [j for j, r in enumerate(rows) if r is not None]
+        emb[done] = self.known[[rows[j] for j in done]]
+        if todo:
+            emb[todo] = self.teacher.embed([texts[j] for j in todo], self.batch_size)
+        return emb, len(todo)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": []}
         for shard, texts in zip(batch["shard"], batch["texts"]):
             start = time.perf_counter()
             texts = [str(t) for t in texts]
-            emb = self.teacher.embed(texts, self.batch_size)
+            emb, embedded = self.embed(texts)
             error = ""
             try:
                 check_embeddings(emb, self.teacher.width, self.entry.spec.name, texts, first_row=int(shard) * SHARD_SIZE)
@@ -52,7 +70,7 @@ class ShardEmbedder:
                 error = str(e)
             except OSError as e:  # a full disk, a read-only store: the shard is absent, the written ones are kept
                 error = f"cannot write {self.entry.shard_path(int(shard))}: {e}"
-            for key, value in zip(out, (int(shard), len(texts), time.perf_counter() - start, self.teacher.width, error)):
+            for key, value in zip(out, (int(shard), embedded, time.perf_counter() - start, self.teacher.width, error)):
                 out[key].append(value)
         return {k: np.array(v) for k, v in out.items()}
 
@@ -67,6 +85,7 @@ class ExtractResult:
     seconds: float
     warm_seconds: float = 0.0  # until the first shard came back: actor start, model load, first shard
     warm_texts: int = 0
+    reused: int = 0  # texts copied from earlier entries of the same teacher instead of embedded
 
     @property
     def steady_texts_per_s(self) -> float:
@@ -104,11 +123,23 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     if len(missing) < entry.n_shards:
         log.info("%s: resuming, %d of %d shards already written", spec.name, entry.n_shards - len(missing), entry.n_shards)
     items = [{"shard": i, "texts": ordered[i * SHARD_SIZE:(i + 1) * SHARD_SIZE]} for i in missing]
+    known = known_embeddings(store, entry, [t for item in items for t in item["texts"]])
+    reused = sum(text_id(t) in known for item in items for t in item["texts"])
+    embedding = len(items)
+    items = write_known_shards(entry, items, known)
+    if reused:
+        log.info("%s: %d texts copied from earlier entries, %d shard(s) written without the model", spec.name, reused,
+                 embedding - len(items))
+    start = time.perf_counter()
+    if not items:  # every missing text was known: no model work at all
+        entry.finish(pq.read_schema(entry.shard_path(0)).field("embedding").type.list_size, 0.0)
+        return ExtractResult(spec.name, entry, False, len(ordered), 0, 0.0, reused=reused)
+    todo_known = [tid for item in items for tid in map(text_id, item["texts"]) if tid in known]
+    known_arg = (todo_known, np.stack([known[tid] for tid in todo_known]) if todo_known else np.zeros((0, 0), np.float32))
     actors, cpus = _pool_shape(concurrency)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size},
+        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size, "known": known_arg},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus)
-    start = time.perf_counter()
     done, embedded, width, errors, warm = 0, 0, None, [], (0.0, 0)
     for row in ds.iter_rows():
         done += 1
@@ -129,7 +160,32 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     if entry.missing_shards():  # only possible if files vanished underneath us
         raise EmbeddingError(f"{entry.dir}: shards {entry.missing_shards()[:5]} are missing after extraction")
     entry.finish(width or spec.width or 0, seconds)
-    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm)
+    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm, reused=reused)
+
+
+def known_embeddings(store: EmbeddingStore, entry: Entry, texts: list[str]) -> dict[str, np.ndarray]:
+    """{text_id: embedding} of those `texts` that earlier entries of the same teacher already hold (one scan each):
+    growing a dataset, or changing its split, re-embeds only the new texts."""
+    wanted, known = {text_id(t) for t in texts}, {}
+    for other in store.reusable_entries(entry) if wanted else []:
+        found = other.find(wanted - known.keys())
+        known.update(found)
+        log.info("%s: %d of the %d texts to embed are already in %s", entry.spec.name, len(found), len(wanted), other.dir)
+        if len(known) == len(wanted):
+            break
+    return known
+
+
+def write_known_shards(entry: Entry, items: list[dict], known: dict[str, np.ndarray]) -> list[dict]:
+    """Write the shards whose every text is known (no model needed); return the items still to embed."""
+    rest = []
+    for item in items:
+        ids = [text_id(t) for t in item["texts"]]
+        if all(tid in known for tid in ids):
+            entry.write_shard(item["shard"], item["texts"], np.stack([known[tid] for tid in ids]))
+        else:
+            rest.append(item)
+    return rest
 
 
 def extract_all(texts: list[str], specs: list[TeacherSpec], store: EmbeddingStore, address: str | None = None,
@@ -163,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<6} {split['rows']:>7} pairs  {split['documents']:>5} documents  sha256 {split['sha256'][:12]}")
     print(f"  {len(texts)} unique texts")
     results = extract_all(texts, specs, EmbeddingStore(args.store), args.address, args.concurrency, args.batch_size)
-    print(f"\n{'teacher':<10} {'width':>5} {'texts':>7} {'status':<9} {'seconds':>8} {'texts/s':>8}  entry")
+    print(f"\n{'teacher':<10} {'width':>5} {'texts':>7} {'status':<22} {'seconds':>8} {'texts/s':>8}  entry")
     for r in results:
-        status = "cached" if r.cached else "extracted"
+        status = "cached" if r.cached else f"extracted ({r.reused} reused)" if r.reused else "extracted"
         rate = f"{r.texts_per_s:>8.1f}" if r.embedded else f"{'-':>8}"
-        print(f"{r.teacher:<10} {r.entry.info['width']:>5} {r.texts:>7} {status:<9} {r.seconds:>8.1f} {rate}  {r.entry.dir}")
+        print(f"{r.teacher:<10} {r.entry.info['width']:>5} {r.texts:>7} {status:<22} {r.seconds:>8.1f} {rate}  {r.entry.dir}")
     return 0
 
 

@@ -107,20 +107,23 @@ class Entry:
     def info(self) -> dict:
         return json.loads((self.dir / "entry.json").read_text())
 
+    def find(self, ids) -> dict[str, np.ndarray]:
+        """{text_id: embedding} for those of `ids` this entry holds, reading only those rows (one scan)."""
+        table = pads.dataset(sorted(self.dir.glob("part-*.parquet")), format="parquet").to_table(
+            columns=["text_id", "embedding"], filter=pc.field("text_id").isin(pa.array(sorted(set(ids)))))
+        width = table.schema.field("embedding").type.list_size
+        emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
+        return dict(zip(table.column("text_id").to_pylist(), emb))
+
     def lookup(self, texts: list[str]) -> np.ndarray:
         """Embeddings of `texts` (any order, repeats allowed), reading only the rows asked for."""
         ids = [text_id(t) for t in texts]
-        wanted = pa.array(sorted(set(ids)))
-        table = pads.dataset(sorted(self.dir.glob("part-*.parquet")), format="parquet").to_table(
-            columns=["text_id", "embedding"], filter=pc.field("text_id").isin(wanted))
-        width = table.schema.field("embedding").type.list_size
-        emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
-        row = {tid: i for i, tid in enumerate(table.column("text_id").to_pylist())}
-        missing = [t for t, tid in zip(texts, ids) if tid not in row]
+        found = self.find(ids)
+        missing = [t for t, tid in zip(texts, ids) if tid not in found]
         if missing:
             raise EmbeddingError(f"{self.dir}: {len(missing)} text(s) have no embedding in this entry, e.g. {missing[0][:80]!r}")
-        out = emb[[row[tid] for tid in ids]]
-        check_embeddings(out, width, self.spec.name, texts)
+        out = np.stack([found[tid] for tid in ids])
+        check_embeddings(out, out.shape[1], self.spec.name, texts)
         return out
 
 
@@ -134,6 +137,22 @@ class EmbeddingStore:
         key = json.dumps([STORE_VERSION, SHARD_SIZE, data_hash, spec.fingerprint()])
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         return Entry(self.root / "embeddings" / spec.name / fingerprint, spec, data_hash, len(texts))
+
+    def reusable_entries(self, entry: Entry) -> list[Entry]:
+        """The other complete entries of `entry`'s teacher with the same spec fingerprint: embeddings of other text
+        sets by the same model, which a new text set can take its known texts from instead of re-embedding them."""
+        out = []
+        for info_path in sorted((self.root / "embeddings" / entry.spec.name).glob("*/entry.json")):
+            if info_path.parent == entry.dir:
+                continue
+            info = json.loads(info_path.read_text())
+            try:
+                same = TeacherSpec(**info["teacher"]).fingerprint() == entry.spec.fingerprint()
+            except (KeyError, TypeError):  # an entry written by another version: not reused
+                continue
+            if same and info.get("version") == STORE_VERSION:
+                out.append(Entry(info_path.parent, entry.spec, info["data_hash"], info["texts"]))
+        return out
 
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.root / "datasets" / dataset_id

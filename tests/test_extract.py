@@ -70,6 +70,21 @@ def test_interrupted_extraction_resumes_missing_shards_only(sample):
                                np.stack(before.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-5)
 
 
+def test_a_grown_or_cut_text_set_embeds_only_texts_the_store_lacks(tmp_path, ray_local):
+    spec, store = get_teacher("minilm"), EmbeddingStore(tmp_path / "store")
+    old = [f"What is cube number {i}?" for i in range(300)]
+    new = [f"How large is lattice {i}?" for i in range(40)]  # lengths interleave with old: shards mix both
+    first = extract_teacher(old, spec, store)
+    grown = extract_teacher(old + new, spec, store)
+    assert grown.entry.dir != first.entry.dir and grown.entry.complete
+    assert (grown.reused, grown.embedded) == (300, 40)
+    np.testing.assert_array_equal(grown.entry.lookup(old), first.entry.lookup(old))  # copied, not recomputed
+    np.testing.assert_allclose(grown.entry.lookup(new[:3]), Teacher(spec).embed(new[:3]), atol=1e-4)
+    cut = extract_teacher(old[:100], spec, store)  # every text known: written without the model
+    assert (cut.reused, cut.embedded) == (100, 0) and cut.entry.complete and cut.entry.info["width"] == 384
+    np.testing.assert_array_equal(cut.entry.lookup(old[:100]), first.entry.lookup(old[:100]))
+
+
 def test_nan_embedding_is_caught_and_good_shards_are_kept(tmp_path, ray_local):
     spec = make_tiny_teacher(tmp_path / "model", "distilbert", poison_token="volcano")
     texts = [f"Question number {i} about cubes and lattices?" for i in range(SHARD_SIZE + 20)]
