@@ -1,0 +1,342 @@
+"""The SQuAD study: stage247 on 20k SQuAD train pairs and the full dev split, with both bundled teachers.
+
+    python scripts/study_squad.py [--store DIR] [--runs DIR] [--budget-s S] [--max-epochs E]   # the whole study
+    python scripts/study_squad.py --report-only          # rebuild report.md and plots from results/study_squad/*.json
+
+Each step is skipped when its output exists, so an interrupted study continues where it stopped:
+1. search: `python -m cube_ray.tune --space stage247` on SQuAD (extraction of whatever the store lacks happens
+   inside it), models picked on a `val` split of train documents, so SQuAD dev stays unseen until step 3;
+2. retrain: the best config with seeds 0, 1, 2, once centred and once raw, on the same prepared data;
+3. evaluate: each retrain's best checkpoint against identity, mean answer and ridge on SQuAD dev, per teacher space;
+4. report: results/study_squad/report.md, study.json and plots, from the JSON figures of steps 1-3 alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "study_squad"
+SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-sentences"
+NAME = "squad-stage247"
+SEEDS = (0, 1, 2)
+METRICS = ("cos", "r1", "r5", "mrr")
+BASELINES = ("identity", "mean_answer", "ridge")
+ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "cube/attention", "cube/skip_input",
+                "cube/skip_linear", "adapter/strategy", "adapter/io", "adapter/out", "optimizer", "batch_size")
+
+
+def search(args) -> Path:
+    """Step 1: the search (its own process: Tune's status table and the extraction's progress show as usual)."""
+    exp = Path(args.runs) / NAME
+    if not (exp / "report.json").exists():
+        cmd = [sys.executable, "-m", "cube_ray.tune", "--space", "stage247", "--out", str(args.runs), "--name", NAME,
+               "--store", args.store, "--seed", "0"]
+        if (exp / "search.yaml").exists():
+            cmd.append("--resume")
+        else:
+            cmd += ["--pairs", str(SQUAD / "train.jsonl.gz"), "--eval-pairs", str(SQUAD / "dev.jsonl.gz"),
+                    "--limit", str(args.limit), "--decontaminate", "--val-fraction", str(args.val_fraction),
+                    "--num-samples", str(args.num_samples), "--time-budget-s", str(args.budget_s),
+                    "--max-epochs", str(args.max_epochs)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    save_search(exp)
+    return exp
+
+
+def save_search(exp: Path) -> None:
+    """Copy the search's report, plots and per-trial histories (small) beside the study report."""
+    from cube_ray.config import SearchConfig, load_yaml
+    from cube_ray.report import load_trials
+
+    dest = OUT / "search"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "report.json", "best_config.yaml", "history.png", "importance.png", "curves.png", "search.yaml"):
+        if (exp / name).exists():
+            shutil.copy(exp / name, dest / name)
+    search = load_yaml(SearchConfig, exp / "search.yaml")
+    trials = [{"id": t.id, "status": t.status, "params": t.params, "epochs_planned": t.config.epochs,
+               "history": [{k: r[k] for k in ("epoch", "eval", "time_s", "expected_steps", "samples_per_s") if k in r}
+                           for r in t.history]} for t in load_trials(exp, budget=bool(search.time_budget_s))]
+    (dest / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
+
+
+def retrain_and_evaluate(args, exp: Path) -> None:
+    """Steps 2 and 3: the best config, 3 seeds x (centred, raw) (and each teacher alone), evaluated on SQuAD dev."""
+    import torch
+
+    from cube_ray.config import TrainConfig, load_yaml
+    from cube_ray.evaluate import comparison
+    from cube_ray.train.loop import fit, prepare_run
+    from cube_ray.train.snapshot import load_for_eval
+
+    torch.use_deterministic_algorithms(True)  # the evaluation below (training runs in Ray's workers)
+    best = load_yaml(TrainConfig, exp / "best_config.yaml")
+    (OUT / "runs").mkdir(parents=True, exist_ok=True)
+    plan = [(f"{'centred' if center else 'raw'}-seed{seed}", dataclasses.replace(best, center=center, seed=seed))
+            for seed in SEEDS for center in (True, False)]  # seed-major: an interrupted study has both centrings
+    if args.single_teacher:  # each teacher alone (centred, first seed), against the multi-teacher student
+        plan += [(f"{t}-only-centred-seed{SEEDS[0]}", dataclasses.replace(best, teachers=[t], seed=SEEDS[0]))
+                 for t in best.teachers]
+    data = {}
+    for name, cfg in plan:
+        figures = OUT / "runs" / f"{name}.json"
+        if figures.exists():
+            continue
+        key = tuple(cfg.teachers)  # centring and seed do not change the data; the teachers do
+        data[key] = data.get(key) or prepare_run(cfg, args.store)
+        run_dir = Path(args.runs) / "retrain" / name
+        start = time.perf_counter()
+        result = fit(cfg, args.store, run_dir, resume=(run_dir / "latest").exists(), data=data[key])
+        seconds = time.perf_counter() - start
+        loaded = load_for_eval(run_dir / "best_eval")
+        table = comparison(loaded.student, loaded.train, loaded.held_out, seed=0)
+        figures.write_text(json.dumps({
+            "name": name, "teachers": cfg.teachers, "center": cfg.center, "seed": cfg.seed, "epochs": cfg.epochs,
+            "fit_seconds": round(seconds, 1),
+            "held_out_pairs": len(loaded.held_out), "max_steps": cfg.cube.max_steps, "min_steps": cfg.cube.min_steps,
+            "history": result.history, "table": table}, indent=1))
+        print(f"{name}: " + ", ".join(f"{t} MRR {rows['model']['mrr']:.3f}" for t, rows in table.items()), flush=True)
+
+
+def data_facts(args, exp: Path) -> None:
+    """Split sizes and extraction cost (from the dataset manifest and the store's entries) for the report."""
+    from cube_ray.config import SearchConfig, load_yaml
+    from cube_ray.store import EmbeddingStore
+    from cube_ray.teachers.registry import get_teacher, load_registry
+
+    search = load_yaml(SearchConfig, exp / "search.yaml")
+    ck = json.loads((next(exp.glob("trial_*/best_eval/data.json"))).read_text())
+    store = EmbeddingStore(search.store)
+    manifest = json.loads((store.dataset_dir(ck["dataset_id"]) / "manifest.json").read_text())
+    registry = load_registry(search.teacher_config)
+    teachers = {}
+    for t in ck["entries"]:
+        info = store.dataset_entry(ck["dataset_id"], get_teacher(t, registry)).info
+        teachers[t] = {"n_texts": info["texts"], "width": info["width"], "extract_seconds": info["extract_seconds"]}
+    (OUT / "data.json").write_text(json.dumps({
+        "dataset_id": ck["dataset_id"], "limit": search.data.limit, "val_fraction": search.data.val_fraction,
+        "splits": {n: {"rows": s["rows"], "documents": s["documents"]} for n, s in manifest["splits"].items()},
+        "decontaminated": len(manifest.get("decontaminated", [])), "teachers": teachers}, indent=1))
+
+
+# ---------------------------------------------------------------- the report, from the JSON figures alone
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{centring: {teacher: {"model": {metric: [per seed]}, baseline: {metric: value}}}}."""
+    out: dict = {}
+    for run in runs:
+        mode = "centred" if run["center"] else "raw"
+        for teacher, rows in run["table"].items():
+            cell = out.setdefault(mode, {}).setdefault(teacher, {"model": {m: [] for m in METRICS + ("steps",)}})
+            for m in METRICS + ("steps",):
+                cell["model"][m].append(rows["model"][m])
+            for b in BASELINES:
+                cell[b] = {m: rows[b][m] for m in METRICS}
+    return out
+
+
+def choice_table(trials: list[dict]) -> list[tuple[str, str, int, float, float]]:
+    """Per architecture choice: trials, mean and best eval at epoch 1 (every trial has it: a fair comparison)."""
+    rows = []
+    for param in ARCHITECTURE:
+        groups: dict[str, list[float]] = {}
+        for t in trials:
+            if t["history"] and param in t["params"]:
+                groups.setdefault(json.dumps(t["params"][param]), []).append(t["history"][0]["eval"])
+        for value, evals in sorted(groups.items(), key=lambda kv: -statistics.mean(kv[1])):
+            rows.append((param, value, len(evals), statistics.mean(evals), max(evals)))
+    return rows
+
+
+def plots(summary: dict, runs: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(mode, t) for mode in summary for t in summary[mode]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (mode, teacher) in zip(axes[0], panels):
+        cell = summary[mode][teacher]
+        mrr = cell["model"]["mrr"]
+        names = ["cube"] + list(BASELINES)
+        values = [statistics.mean(mrr)] + [cell[b]["mrr"] for b in BASELINES]
+        errors = [statistics.stdev(mrr) if len(mrr) > 1 else 0] + [0] * len(BASELINES)
+        ax.bar(names, values, yerr=errors, capsize=4, color=["tab:blue", "tab:grey", "tab:orange", "tab:green"])
+        ax.set_title(f"{teacher}, {mode}", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.set_ylabel("MRR on SQuAD dev")
+    fig.tight_layout()
+    fig.savefig(OUT / "mrr.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        ax.plot([r["epoch"] for r in run["history"]], [r["eval"] for r in run["history"]], marker="o",
+                ls="-" if run["center"] else "--", label=run["name"])
+    ax.set(xlabel="epoch", ylabel="val MRR (mean over teachers)", title="retrains of the best config")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "retrain_curves.png", dpi=120)
+    plt.close("all")
+    return ["mrr.png", "retrain_curves.png"]
+
+
+def report() -> Path:
+    data = json.loads((OUT / "data.json").read_text())
+    search = json.loads((OUT / "search" / "report.json").read_text())
+    trials = json.loads((OUT / "search" / "trials.json").read_text())
+    every = sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")), key=lambda r: (r["center"], r["seed"]))
+    runs = [r for r in every if len(r["teachers"]) > 1]  # the multi-teacher student: the best config as searched
+    singles = [r for r in every if len(r["teachers"]) == 1]
+    summary = summarise(runs)
+    made = plots(summary, runs)
+    cost, best = search["cost"], search["best"]
+    teachers = list(data["teachers"])
+    lines = ["# SQuAD study: stage247 with minilm and smollm2, against identity, mean answer and ridge", "",
+             "Regenerate: `python scripts/study_squad.py` (the whole study; each finished step is skipped) or "
+             "`python scripts/study_squad.py --report-only` (this file and its plots, from the JSON figures beside it).", "",
+             "## Data and extraction", "",
+             f"SQuAD v1.1 question → answer-sentence pairs (`../shared/data/squad-v1.1-sentences`): the first "
+             f"{data['limit']:,} pairs of train, split by document into train and a `val` split "
+             f"({data['val_fraction']:.0%} of the documents' pairs) that picked every model (early stopping, best "
+             f"checkpoint, ASHA, TPE); the **whole dev file** is the held-out `eval` split, used only in the tables below. "
+             f"Dataset `{data['dataset_id']}`, {data['decontaminated']} eval pairs dropped as contaminated.", "",
+             "| split | pairs | documents |", "|---|---|---|"]
+    lines += [f"| {n} | {s['rows']:,} | {s['documents']} |" for n, s in data["splits"].items()]
+    lines += ["", "| teacher | texts | width | extraction | texts/s |", "|---|---|---|---|---|"]
+    for t, info in data["teachers"].items():
+        sec = info.get("extract_seconds") or math.nan
+        lines.append(f"| {t} | {info['n_texts']:,} | {info['width']} | {sec / 60:.1f} min | {info['n_texts'] / sec:.1f} |")
+    lines += ["", "Extraction ran on this machine's 2 CPU cores through Ray Data actor pools (one actor per teacher).", ""]
+
+    lines += ["## The best cube against the baselines on SQuAD dev", "",
+              f"The best config of the search, retrained with seeds {', '.join(map(str, sorted({r['seed'] for r in runs})))}, "
+              "once with each teacher's train mean subtracted from inputs, targets, pool and baselines (centred), and once "
+              "without (raw). The student is one multi-teacher cube: each teacher space has its own adapters into and out "
+              "of the shared lattice. Cube figures are mean ± standard deviation over the seeds; the pool is the dev "
+              f"split's de-duplicated answers ({runs[0]['held_out_pairs']:,} queries). Figures: `runs/*.json`.", ""]
+    verdicts = []
+    for mode in ("raw", "centred"):
+        for teacher in teachers:
+            cell = summary.get(mode, {}).get(teacher)
+            if not cell:
+                continue
+            lines += [f"**{teacher}, {mode}**", "", "| | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|",
+                      "| cube (best config) | " + " | ".join(spread(cell["model"][m]) for m in METRICS) + " |"]
+            lines += [f"| {b.replace('_', ' ')} | " + " | ".join(f"{cell[b][m]:.3f}" for m in METRICS) + " |" for b in BASELINES]
+            mrr = cell["model"]["mrr"]
+            best_base = max(BASELINES, key=lambda b: cell[b]["mrr"])
+            beats = [b.replace("_", " ") for b in BASELINES if min(mrr) > cell[b]["mrr"]]
+            fails = [b.replace("_", " ") for b in BASELINES if max(mrr) <= cell[b]["mrr"]]
+            verdict = (f"{teacher} {mode}: cube MRR {spread(mrr)}; best baseline {best_base.replace('_', ' ')} "
+                       f"{cell[best_base]['mrr']:.3f}. Beats on every seed: {', '.join(beats) or 'none'}; "
+                       f"loses on every seed to: {', '.join(fails) or 'none'}.")
+            verdicts.append(verdict)
+            lines += ["", verdict, ""]
+    lines += ["**The multi-teacher student** (mean over the two teacher spaces, what the search maximised):", "",
+              "| | MRR raw | MRR centred |", "|---|---|---|"]
+    for row in ("model",) + BASELINES:
+        vals = []
+        for mode in ("raw", "centred"):
+            cells = [summary[mode][t] for t in teachers] if mode in summary else []
+            if not cells:
+                vals.append("–")
+            elif row == "model":
+                vals.append(spread([statistics.mean(seed) for seed in zip(*[c["model"]["mrr"] for c in cells])]))
+            else:
+                vals.append(f"{statistics.mean(c[row]['mrr'] for c in cells):.3f}")
+        lines.append(f"| {'cube' if row == 'model' else row.replace('_', ' ')} | " + " | ".join(vals) + " |")
+    if singles:
+        multi = {r["seed"]: r for r in runs if r["center"]}
+        lines += ["", "**Each teacher alone** (the best config with one teacher, centred, one seed) against the "
+                  "multi-teacher student of the same seed, in that teacher's space:", "",
+                  "| teacher space | cube alone MRR | multi-teacher cube MRR | identity | ridge |", "|---|---|---|---|---|"]
+        for r in singles:
+            t = r["teachers"][0]
+            rows = r["table"][t]
+            both = multi.get(r["seed"], {}).get("table", {}).get(t, {}).get("model", {}).get("mrr", math.nan)
+            lines.append(f"| {t} | {rows['model']['mrr']:.3f} | {both:.3f} | {rows['identity']['mrr']:.3f} | "
+                         f"{rows['ridge']['mrr']:.3f} |")
+    lines += ["", "![MRR per teacher space](mrr.png)", ""]
+
+    lines += ["## Expected halting steps of the best model", "",
+              f"min_steps {runs[0]['min_steps']}, max_steps {runs[0]['max_steps']}. Training: the halting distribution's "
+              "expectation at the best epoch; inference: mean steps the gate ran on dev.", "",
+              "| run | E[steps] (train, best epoch) | " + " | ".join(f"steps on dev ({t})" for t in teachers) + " |",
+              "|---|---|" + "---|" * len(teachers)]
+    for run in runs:
+        best_epoch = max(run["history"], key=lambda r: r["eval"])
+        lines.append(f"| {run['name']} | {best_epoch['expected_steps']:.2f} | "
+                     + " | ".join(f"{run['table'][t]['model']['steps']:.2f}" for t in teachers) + " |")
+
+    lines += ["", "## The search", "",
+              f"`python -m cube_ray.tune --space stage247` ({cost['trials']} trials, Optuna TPE + ASHA; full report: "
+              "`search/report.md`). Cost: "
+              f"{cost['epochs']} epochs trained, {cost['cpu_hours']:.2f} CPU-hours, {cost['wall_s'] / 60:.0f} min wall "
+              f"(extraction included) over {cost['sessions']} session(s); {cost['complete']} trials ran all their epochs, "
+              f"{cost['stopped_by_asha']} were stopped by ASHA, {cost['time_budget']} by the time budget, "
+              f"{cost['errors']} failed.", "",
+              f"Best trial `{best['trial']}`: val MRR {best['eval']:.4f} at epoch {best['epoch']}. Its parameters: "
+              + ", ".join(f"`{k}` {v}" for k, v in best["params"].items()) + ".", "",
+              "Per-trial minutes per epoch: " + ", ".join(
+                  f"{t['history'][-1]['time_s'] / 60 / len(t['history']):.1f}" for t in trials if t["history"]) + ".", "",
+              "Parameter importance (fANOVA over the trials' best val MRR): "
+              + (", ".join(f"`{k}` {v:.2f}" for k, v in list(search["importance"].items())[:10]) or "unavailable") + ".", "",
+              "Architecture choices, compared at epoch 1 (every trial reached it, so no choice is favoured by running "
+              "longer):", "", "| parameter | value | trials | mean val MRR | best val MRR |", "|---|---|---|---|---|"]
+    lines += [f"| `{p}` | {v} | {n} | {m:.4f} | {b:.4f} |" for p, v, n, m, b in choice_table(trials)]
+    lines += ["", "![search history](search/history.png)", "", "![parameter importance](search/importance.png)", "",
+              "![learning curves](search/curves.png)", "", "![retrains](retrain_curves.png)", ""]
+    notes = OUT / "notes.md"
+    lines += ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    (OUT / "report.md").write_text("\n".join(lines) + "\n")
+    (OUT / "study.json").write_text(json.dumps({"data": data, "summary": summary, "search_cost": cost, "best": best,
+                                                "importance": search["importance"], "verdicts": verdicts}, indent=1))
+    return OUT / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cube_ray.cli import default_store
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default=default_store(), help="embedding store (default: %(default)s)")
+    p.add_argument("--runs", default=str(ROOT / "results" / "squad_runs"), help="search and retrain folders (checkpoints)")
+    p.add_argument("--limit", type=int, default=20000, help="SQuAD train pairs (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="train documents held out to pick models")
+    p.add_argument("--num-samples", type=int, default=40, help="trials at most (default: %(default)s)")
+    p.add_argument("--budget-s", type=int, default=3000, help="the search's time budget (default: %(default)s)")
+    p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial and retrain at most (default: %(default)s)")
+    p.add_argument("--single-teacher", action="store_true", help="also train each teacher alone (centred, one seed)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad/*.json")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        from cube_ray.cli import setup_logging
+
+        setup_logging()
+        args.store = str(Path(args.store).resolve())
+        exp = search(args)
+        data_facts(args, exp)
+        retrain_and_evaluate(args, exp)
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
