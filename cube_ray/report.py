@@ -25,6 +25,9 @@ from cube_ray.fsutil import atomic_write_text
 
 log = logging.getLogger("cube_ray.report")
 TOP = 10  # leaderboard rows
+# Below this many scored trials fANOVA's shares are noise (two trials differ in every parameter at once): the
+# report still shows them, marked as such, so nobody reads "what mattered" into a handful of trials.
+FEW_TRIALS = 10
 CURVES = 5  # trials in the learning-curve plot
 
 
@@ -153,7 +156,8 @@ def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) ->
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(imp))))
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names])
-        ax.set(xlabel="importance (fANOVA, share of variance)", title="parameter importance")
+        few = " - too few trials: noise" if len(scored) < FEW_TRIALS else ""
+        ax.set(xlabel="importance (fANOVA, share of variance)", title=f"parameter importance ({len(scored)} trials{few})")
         fig.tight_layout()
         fig.savefig(exp / "importance.png", dpi=120)
         made.append("importance.png")
@@ -251,7 +255,9 @@ def build_report(exp: str | Path) -> Path:
               "data preparation and extraction included", "",
               "## Plots", ""] + [f"![{m}]({m})" for m in made]
     if imp:
-        lines += ["", "Parameter importance: " + ", ".join(f"`{k}` {v:.2f}" for k, v in list(imp.items())[:8])]
+        lines += ["", "Parameter importance: " + ", ".join(f"`{k}` {v:.2f}" for k, v in list(imp.items())[:8])
+                  + (f" (from {len(scored)} scored trials, fewer than {FEW_TRIALS}: these shares are noise, not evidence "
+                     "of what matters)" if len(scored) < FEW_TRIALS else "")]
     report = exp / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_text(exp / "report.json", json.dumps({
