@@ -28,6 +28,7 @@ OUT = ROOT / "results" / "study_squad"
 SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-sentences"
 NAME = "squad-stage247"
 SEEDS = (0, 1, 2)
+CUBES = {"best": "cube, best config of the search", "default": "cube, default preset"}
 METRICS = ("cos", "r1", "r5", "mrr")
 BASELINES = ("identity", "mean_answer", "ridge")
 ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "cube/attention", "cube/skip_input",
@@ -70,10 +71,22 @@ def save_search(exp: Path) -> None:
     (dest / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
 
 
+def retrain_plan(best, default) -> list[tuple[str, str, object]]:
+    """(run name, which config, TrainConfig) in the order they run, so an interrupted study has what matters most:
+    the searched setting (centred) with every seed, then the default preset (a few times cheaper) centred and raw,
+    then the best config raw."""
+    def run(which, cfg, center, seed):
+        return f"{which}-{'centred' if center else 'raw'}-seed{seed}", which, dataclasses.replace(cfg, center=center, seed=seed)
+
+    return ([run("best", best, True, s) for s in SEEDS] + [run("default", default, c, s) for s in SEEDS for c in (True, False)]
+            + [run("best", best, False, s) for s in SEEDS])
+
+
 def retrain_and_evaluate(args, exp: Path) -> None:
-    """Steps 2 and 3: the best config, 3 seeds x (centred, raw) (and each teacher alone), evaluated on SQuAD dev."""
+    """Steps 2 and 3: the best config and the default preset, 3 seeds x (centred, raw), evaluated on SQuAD dev."""
     import torch
 
+    from cube_ray.checkpoint import load_checkpoint
     from cube_ray.config import TrainConfig, load_yaml
     from cube_ray.evaluate import comparison
     from cube_ray.train.loop import fit, prepare_run
@@ -81,30 +94,32 @@ def retrain_and_evaluate(args, exp: Path) -> None:
 
     torch.use_deterministic_algorithms(True)  # the evaluation below (training runs in Ray's workers)
     best = load_yaml(TrainConfig, exp / "best_config.yaml")
+    # The hand-set default cube on the same data, epochs and workers: does the search beat it?
+    default = dataclasses.replace(load_yaml(TrainConfig, ROOT / "cube_ray" / "train" / "presets" / "default.yaml"),
+                                  data=best.data, teachers=best.teachers, epochs=best.epochs, workers=best.workers,
+                                  cpus_per_worker=best.cpus_per_worker, keep_checkpoints=best.keep_checkpoints)
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
-    plan = [(f"{'centred' if center else 'raw'}-seed{seed}", dataclasses.replace(best, center=center, seed=seed))
-            for seed in SEEDS for center in (True, False)]  # seed-major: an interrupted study has both centrings
-    if args.single_teacher:  # each teacher alone (centred, first seed), against the multi-teacher student
-        plan += [(f"{t}-only-centred-seed{SEEDS[0]}", dataclasses.replace(best, teachers=[t], seed=SEEDS[0]))
-                 for t in best.teachers]
-    data = {}
-    for name, cfg in plan:
+    data = None
+    for name, which, cfg in retrain_plan(best, default):
         figures = OUT / "runs" / f"{name}.json"
         if figures.exists():
             continue
-        key = tuple(cfg.teachers)  # centring and seed do not change the data; the teachers do
-        data[key] = data.get(key) or prepare_run(cfg, args.store)
-        run_dir = Path(args.runs) / "retrain" / name
-        start = time.perf_counter()
-        result = fit(cfg, args.store, run_dir, resume=(run_dir / "latest").exists(), data=data[key])
-        seconds = time.perf_counter() - start
+        if cfg == best:  # the best trial itself: same config and seed, and training is deterministic
+            run_dir = Path((exp / "best_checkpoint").read_text().strip()).parent
+            history = load_checkpoint(run_dir / "latest").state["train_state"]["history"]
+            seconds = history[-1]["time_s"]
+        else:
+            data = data or prepare_run(cfg, args.store)  # the same data, teachers and workers for every run
+            run_dir = Path(args.runs) / "retrain" / name
+            start = time.perf_counter()
+            history = fit(cfg, args.store, run_dir, resume=(run_dir / "latest").exists(), data=data).history
+            seconds = time.perf_counter() - start
         loaded = load_for_eval(run_dir / "best_eval")
         table = comparison(loaded.student, loaded.train, loaded.held_out, seed=0)
         figures.write_text(json.dumps({
-            "name": name, "teachers": cfg.teachers, "center": cfg.center, "seed": cfg.seed, "epochs": cfg.epochs,
-            "fit_seconds": round(seconds, 1),
-            "held_out_pairs": len(loaded.held_out), "max_steps": cfg.cube.max_steps, "min_steps": cfg.cube.min_steps,
-            "history": result.history, "table": table}, indent=1))
+            "name": name, "config": which, "center": cfg.center, "seed": cfg.seed, "epochs": cfg.epochs,
+            "fit_seconds": round(seconds, 1), "held_out_pairs": len(loaded.held_out), "max_steps": cfg.cube.max_steps,
+            "min_steps": cfg.cube.min_steps, "history": history, "table": table}, indent=1))
         print(f"{name}: " + ", ".join(f"{t} MRR {rows['model']['mrr']:.3f}" for t, rows in table.items()), flush=True)
 
 
@@ -129,6 +144,28 @@ def data_facts(args, exp: Path) -> None:
         "decontaminated": len(manifest.get("decontaminated", [])), "teachers": teachers}, indent=1))
 
 
+def split_baselines(exp: Path, split: str) -> None:
+    """The baselines on one split (`val`: the split that picked the models; `eval`: SQuAD dev), raw and centred on
+    the train mean, for every teacher: the scale of the search's figures, and the raw rows even where no raw cube ran."""
+    from cube_ray.config import SearchConfig, load_yaml
+    from cube_ray.metrics import Centering, baselines
+    from cube_ray.store import EmbeddingStore
+    from cube_ray.teachers.registry import get_teacher, load_registry
+    from cube_ray.train.data import load_split
+
+    search = load_yaml(SearchConfig, exp / "search.yaml")
+    ck = json.loads((next(exp.glob("trial_*/best_eval/data.json"))).read_text())
+    registry, store = load_registry(search.teacher_config), EmbeddingStore(search.store)
+    specs = {t: get_teacher(t, registry) for t in ck["entries"]}
+    train, held = (load_split(store, ck["dataset_id"], name, specs) for name in ("train", split))
+    out: dict = {"raw": {}, "centred": {}}
+    for t in specs:
+        out["raw"][t] = baselines(train.q[t], train.a[t], held.q[t], held.a[t])
+        c = Centering.fit(train.q[t], train.a[t])
+        out["centred"][t] = baselines(c(train.q[t]), c(train.a[t]), c(held.q[t]), c(held.a[t]))
+    (OUT / f"baselines_{split}.json").write_text(json.dumps(out, indent=1))
+
+
 # ---------------------------------------------------------------- the report, from the JSON figures alone
 
 def spread(values: list[float]) -> str:
@@ -138,14 +175,15 @@ def spread(values: list[float]) -> str:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """{centring: {teacher: {"model": {metric: [per seed]}, baseline: {metric: value}}}}."""
+    """{centring: {teacher: {"best"|"default": {metric: [per seed]}, baseline: {metric: value}}}}."""
     out: dict = {}
     for run in runs:
         mode = "centred" if run["center"] else "raw"
         for teacher, rows in run["table"].items():
-            cell = out.setdefault(mode, {}).setdefault(teacher, {"model": {m: [] for m in METRICS + ("steps",)}})
+            cell = out.setdefault(mode, {}).setdefault(teacher, {})
+            cube = cell.setdefault(run["config"], {m: [] for m in METRICS + ("steps",)})
             for m in METRICS + ("steps",):
-                cell["model"][m].append(rows["model"][m])
+                cube[m].append(rows["model"][m])
             for b in BASELINES:
                 cell[b] = {m: rows[b][m] for m in METRICS}
     return out
@@ -171,14 +209,16 @@ def plots(summary: dict, runs: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     panels = [(mode, t) for mode in summary for t in summary[mode]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False)
     for ax, (mode, teacher) in zip(axes[0], panels):
         cell = summary[mode][teacher]
-        mrr = cell["model"]["mrr"]
-        names = ["cube"] + list(BASELINES)
-        values = [statistics.mean(mrr)] + [cell[b]["mrr"] for b in BASELINES]
-        errors = [statistics.stdev(mrr) if len(mrr) > 1 else 0] + [0] * len(BASELINES)
-        ax.bar(names, values, yerr=errors, capsize=4, color=["tab:blue", "tab:grey", "tab:orange", "tab:green"])
+        cubes = [c for c in CUBES if c in cell]
+        mrr = [cell[c]["mrr"] for c in cubes]
+        names = [f"cube ({c})" for c in cubes] + [b.replace("_", " ") for b in BASELINES]
+        values = [statistics.mean(m) for m in mrr] + [cell[b]["mrr"] for b in BASELINES]
+        errors = [statistics.stdev(m) if len(m) > 1 else 0 for m in mrr] + [0] * len(BASELINES)
+        colours = ["tab:blue", "tab:cyan"][:len(cubes)] + ["tab:grey", "tab:orange", "tab:green"]
+        ax.bar(names, values, yerr=errors, capsize=4, color=colours)
         ax.set_title(f"{teacher}, {mode}", fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         ax.set_ylabel("MRR on SQuAD dev")
@@ -188,7 +228,7 @@ def plots(summary: dict, runs: list[dict]) -> list[str]:
     for run in runs:
         ax.plot([r["epoch"] for r in run["history"]], [r["eval"] for r in run["history"]], marker="o",
                 ls="-" if run["center"] else "--", label=run["name"])
-    ax.set(xlabel="epoch", ylabel="val MRR (mean over teachers)", title="retrains of the best config")
+    ax.set(xlabel="epoch", ylabel="val MRR (mean over teachers)", title="retrains: best config and default preset")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "retrain_curves.png", dpi=120)
@@ -197,16 +237,21 @@ def plots(summary: dict, runs: list[dict]) -> list[str]:
 
 
 def report() -> Path:
+    from cube_ray.report import FEW_TRIALS
+
     data = json.loads((OUT / "data.json").read_text())
     search = json.loads((OUT / "search" / "report.json").read_text())
     trials = json.loads((OUT / "search" / "trials.json").read_text())
-    every = sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")), key=lambda r: (r["center"], r["seed"]))
-    runs = [r for r in every if len(r["teachers"]) > 1]  # the multi-teacher student: the best config as searched
-    singles = [r for r in every if len(r["teachers"]) == 1]
+    val_base = json.loads((OUT / "baselines_val.json").read_text())
+    dev_base = json.loads((OUT / "baselines_eval.json").read_text())
+    runs = sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")),
+                  key=lambda r: (r["config"], not r["center"], r["seed"]))
     summary = summarise(runs)
     made = plots(summary, runs)
     cost, best = search["cost"], search["best"]
+    scored = [t for t in trials if t["history"]]
     teachers = list(data["teachers"])
+    seeds = lambda which, center: sorted(r["seed"] for r in runs if r["config"] == which and r["center"] == center)  # noqa: E731
     lines = ["# SQuAD study: stage247 with minilm and smollm2, against identity, mean answer and ridge", "",
              "Regenerate: `python scripts/study_squad.py` (the whole study; each finished step is skipped) or "
              "`python scripts/study_squad.py --report-only` (this file and its plots, from the JSON figures beside it).", "",
@@ -224,64 +269,59 @@ def report() -> Path:
         lines.append(f"| {t} | {info['n_texts']:,} | {info['width']} | {sec / 60:.1f} min | {info['n_texts'] / sec:.1f} |")
     lines += ["", "Extraction ran on this machine's 2 CPU cores through Ray Data actor pools (one actor per teacher).", ""]
 
-    lines += ["## The best cube against the baselines on SQuAD dev", "",
-              f"The best config of the search, retrained with seeds {', '.join(map(str, sorted({r['seed'] for r in runs})))}, "
-              "once with each teacher's train mean subtracted from inputs, targets, pool and baselines (centred), and once "
-              "without (raw). The student is one multi-teacher cube: each teacher space has its own adapters into and out "
-              "of the shared lattice. Cube figures are mean ± standard deviation over the seeds; the pool is the dev "
-              f"split's de-duplicated answers ({runs[0]['held_out_pairs']:,} queries). Figures: `runs/*.json`.", ""]
+    lines += ["## The cube against the baselines on SQuAD dev", "",
+              "Two cubes, each retrained for the search's epochs with several seeds: the **best config of the search**, "
+              "and the **default preset** (`cube_ray/train/presets/default.yaml`, hand-set, never searched) as a "
+              "reference. Each once with every teacher's train mean subtracted from inputs, targets, pool and baselines "
+              "(centred, as the search ran) and once without (raw). Seeds run: "
+              + "; ".join(f"{w} {m}: {', '.join(map(str, seeds(w, c))) or 'none'}" for w in CUBES
+                          for m, c in (("centred", True), ("raw", False)))
+              + ". The student is one multi-teacher cube: each teacher space has its own adapters into and out of the "
+              "shared lattice, so every run gives a row in both spaces. Cube figures are mean ± standard deviation over "
+              f"the seeds; the pool is the dev split's de-duplicated answers ({runs[0]['held_out_pairs']:,} queries). "
+              "Figures: `runs/*.json`.", ""]
     verdicts = []
     for mode in ("raw", "centred"):
         for teacher in teachers:
-            cell = summary.get(mode, {}).get(teacher)
-            if not cell:
-                continue
-            lines += [f"**{teacher}, {mode}**", "", "| | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|",
-                      "| cube (best config) | " + " | ".join(spread(cell["model"][m]) for m in METRICS) + " |"]
+            cell = {**summary.get(mode, {}).get(teacher, {}), **dev_base[mode][teacher]}
+            lines += [f"**{teacher}, {mode}**", "", "| | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|"]
+            lines += [f"| {CUBES[c]} | " + (" | ".join(spread(cell[c][m]) for m in METRICS) if c in cell
+                                           else "not run | | |") + " |" for c in CUBES]
             lines += [f"| {b.replace('_', ' ')} | " + " | ".join(f"{cell[b][m]:.3f}" for m in METRICS) + " |" for b in BASELINES]
-            mrr = cell["model"]["mrr"]
+            lines.append("")
             best_base = max(BASELINES, key=lambda b: cell[b]["mrr"])
-            beats = [b.replace("_", " ") for b in BASELINES if min(mrr) > cell[b]["mrr"]]
-            fails = [b.replace("_", " ") for b in BASELINES if max(mrr) <= cell[b]["mrr"]]
-            verdict = (f"{teacher} {mode}: cube MRR {spread(mrr)}; best baseline {best_base.replace('_', ' ')} "
-                       f"{cell[best_base]['mrr']:.3f}. Beats on every seed: {', '.join(beats) or 'none'}; "
-                       f"loses on every seed to: {', '.join(fails) or 'none'}.")
-            verdicts.append(verdict)
-            lines += ["", verdict, ""]
-    lines += ["**The multi-teacher student** (mean over the two teacher spaces, what the search maximised):", "",
-              "| | MRR raw | MRR centred |", "|---|---|---|"]
-    for row in ("model",) + BASELINES:
+            for c in (c for c in CUBES if c in cell):
+                mrr = cell[c]["mrr"]
+                beats = [b.replace("_", " ") for b in BASELINES if min(mrr) > cell[b]["mrr"]]
+                fails = [b.replace("_", " ") for b in BASELINES if max(mrr) <= cell[b]["mrr"]]
+                verdict = (f"{teacher} {mode}, {CUBES[c]}: MRR {spread(mrr)} against {best_base.replace('_', ' ')} "
+                           f"{cell[best_base]['mrr']:.3f}, the best baseline. Beats on every seed: "
+                           f"{', '.join(beats) or 'none'}; loses on every seed to: {', '.join(fails) or 'none'}.")
+                verdicts.append(verdict)
+                lines += [verdict, ""]
+    lines += ["**The multi-teacher student** (MRR, mean over the two teacher spaces: what the search maximised):", "",
+              "| | raw | centred |", "|---|---|---|"]
+    for row in list(CUBES) + list(BASELINES):
         vals = []
         for mode in ("raw", "centred"):
-            cells = [summary[mode][t] for t in teachers] if mode in summary else []
-            if not cells:
-                vals.append("–")
-            elif row == "model":
-                vals.append(spread([statistics.mean(seed) for seed in zip(*[c["model"]["mrr"] for c in cells])]))
+            cells = [summary.get(mode, {}).get(t, {}) for t in teachers]
+            if row in BASELINES:
+                vals.append(f"{statistics.mean(dev_base[mode][t][row]['mrr'] for t in teachers):.3f}")
+            elif all(row in c for c in cells):
+                vals.append(spread([statistics.mean(seed) for seed in zip(*[c[row]["mrr"] for c in cells])]))
             else:
-                vals.append(f"{statistics.mean(c[row]['mrr'] for c in cells):.3f}")
-        lines.append(f"| {'cube' if row == 'model' else row.replace('_', ' ')} | " + " | ".join(vals) + " |")
-    if singles:
-        multi = {r["seed"]: r for r in runs if r["center"]}
-        lines += ["", "**Each teacher alone** (the best config with one teacher, centred, one seed) against the "
-                  "multi-teacher student of the same seed, in that teacher's space:", "",
-                  "| teacher space | cube alone MRR | multi-teacher cube MRR | identity | ridge |", "|---|---|---|---|---|"]
-        for r in singles:
-            t = r["teachers"][0]
-            rows = r["table"][t]
-            both = multi.get(r["seed"], {}).get("table", {}).get(t, {}).get("model", {}).get("mrr", math.nan)
-            lines.append(f"| {t} | {rows['model']['mrr']:.3f} | {both:.3f} | {rows['identity']['mrr']:.3f} | "
-                         f"{rows['ridge']['mrr']:.3f} |")
+                vals.append("not run")
+        lines.append(f"| {CUBES.get(row, row.replace('_', ' '))} | " + " | ".join(vals) + " |")
     lines += ["", "![MRR per teacher space](mrr.png)", ""]
 
-    lines += ["## Expected halting steps of the best model", "",
-              f"min_steps {runs[0]['min_steps']}, max_steps {runs[0]['max_steps']}. Training: the halting distribution's "
-              "expectation at the best epoch; inference: mean steps the gate ran on dev.", "",
-              "| run | E[steps] (train, best epoch) | " + " | ".join(f"steps on dev ({t})" for t in teachers) + " |",
-              "|---|---|" + "---|" * len(teachers)]
+    lines += ["## Expected halting steps", "",
+              "Training: the halting distribution's expectation at each run's best epoch; inference: the mean number "
+              "of steps the gate ran on dev.", "",
+              "| run | min / max steps | E[steps] (train, best epoch) | "
+              + " | ".join(f"steps on dev ({t})" for t in teachers) + " |", "|---|---|---|" + "---|" * len(teachers)]
     for run in runs:
         best_epoch = max(run["history"], key=lambda r: r["eval"])
-        lines.append(f"| {run['name']} | {best_epoch['expected_steps']:.2f} | "
+        lines.append(f"| {run['name']} | {run['min_steps']} / {run['max_steps']} | {best_epoch['expected_steps']:.2f} | "
                      + " | ".join(f"{run['table'][t]['model']['steps']:.2f}" for t in teachers) + " |")
 
     lines += ["", "## The search", "",
@@ -293,10 +333,15 @@ def report() -> Path:
               f"{cost['errors']} failed.", "",
               f"Best trial `{best['trial']}`: val MRR {best['eval']:.4f} at epoch {best['epoch']}. Its parameters: "
               + ", ".join(f"`{k}` {v}" for k, v in best["params"].items()) + ".", "",
+              "For scale, the baselines on the same val split (MRR, mean over teachers): " + ", ".join(
+                  f"{b.replace('_', ' ')} {statistics.mean(v[t][b]['mrr'] for t in v):.3f} {mode}"
+                  for mode, v in val_base.items() for b in BASELINES) + ".", "",
               "Per-trial minutes per epoch: " + ", ".join(
                   f"{t['history'][-1]['time_s'] / 60 / len(t['history']):.1f}" for t in trials if t["history"]) + ".", "",
               "Parameter importance (fANOVA over the trials' best val MRR): "
-              + (", ".join(f"`{k}` {v:.2f}" for k, v in list(search["importance"].items())[:10]) or "unavailable") + ".", "",
+              + (", ".join(f"`{k}` {v:.2f}" for k, v in list(search["importance"].items())[:10]) or "unavailable")
+              + (f" — from {len(scored)} trials, which differ in every parameter at once: noise, not evidence of "
+                 "what matters." if len(scored) < FEW_TRIALS else "."), "",
               "Architecture choices, compared at epoch 1 (every trial reached it, so no choice is favoured by running "
               "longer):", "", "| parameter | value | trials | mean val MRR | best val MRR |", "|---|---|---|---|---|"]
     lines += [f"| `{p}` | {v} | {n} | {m:.4f} | {b:.4f} |" for p, v, n, m, b in choice_table(trials)]
@@ -323,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=40, help="trials at most (default: %(default)s)")
     p.add_argument("--budget-s", type=int, default=3000, help="the search's time budget (default: %(default)s)")
     p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial and retrain at most (default: %(default)s)")
-    p.add_argument("--single-teacher", action="store_true", help="also train each teacher alone (centred, one seed)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad/*.json")
     args = p.parse_args(argv)
     if not args.report_only:
@@ -333,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         args.store = str(Path(args.store).resolve())
         exp = search(args)
         data_facts(args, exp)
+        for split in ("val", "eval"):
+            if not (OUT / f"baselines_{split}.json").exists():
+                split_baselines(exp, split)
         retrain_and_evaluate(args, exp)
     print(report())
     return 0
