@@ -332,7 +332,8 @@ def report() -> Path:
               f"{cost['stopped_by_asha']} were stopped by ASHA, {cost['time_budget']} by the time budget, "
               f"{cost['errors']} failed.", "",
               f"Best trial `{best['trial']}`: val MRR {best['eval']:.4f} at epoch {best['epoch']}. Its parameters: "
-              + ", ".join(f"`{k}` {v}" for k, v in best["params"].items()) + ".", "",
+              + ", ".join(f"`{k}` {v:.3g}" if isinstance(v, float) else f"`{k}` {v}" for k, v in best["params"].items())
+              + ".", "",
               "For scale, the baselines on the same val split (MRR, mean over teachers): " + ", ".join(
                   f"{b.replace('_', ' ')} {statistics.mean(v[t][b]['mrr'] for t in v):.3f} {mode}"
                   for mode, v in val_base.items() for b in BASELINES) + ".", "",
