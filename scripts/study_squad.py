@@ -217,7 +217,7 @@ def plots(summary: dict, runs: list[dict]) -> list[str]:
         names = [f"cube ({c})" for c in cubes] + [b.replace("_", " ") for b in BASELINES]
         values = [statistics.mean(m) for m in mrr] + [cell[b]["mrr"] for b in BASELINES]
         errors = [statistics.stdev(m) if len(m) > 1 else 0 for m in mrr] + [0] * len(BASELINES)
-        colours = ["tab:blue", "tab:cyan"][:len(cubes)] + ["tab:grey", "tab:orange", "tab:green"]
+        colours = [{"best": "tab:blue", "default": "tab:cyan"}[c] for c in cubes] + ["tab:grey", "tab:orange", "tab:green"]
         ax.bar(names, values, yerr=errors, capsize=4, color=colours)
         ax.set_title(f"{teacher}, {mode}", fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
