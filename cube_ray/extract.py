@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,41 +28,57 @@ from cube_ray.teachers.registry import TeacherSpec
 log = logging.getLogger("cube_ray.extract")
 
 
+@dataclass(frozen=True)
+class Known:
+    """Embeddings that earlier entries of the same teacher already hold, by text id: copied, not embedded again."""
+
+    ids: list[str]
+    matrix: np.ndarray
+
+    @cached_property
+    def _row(self) -> dict[str, int]:
+        return {tid: i for i, tid in enumerate(self.ids)}
+
+    def locate(self, ids: list[str]) -> tuple[list[int], list[int]]:
+        """(the positions in `ids` of the texts known here, their rows in `matrix`)."""
+        found = [(j, self._row[tid]) for j, tid in enumerate(ids) if tid in self._row]
+        return [j for j, _ in found], [r for _, r in found]
+
+    def subset(self, ids: list[str]) -> Known:
+        at, rows = self.locate(ids)
+        return Known([ids[j] for j in at], self.matrix[rows])
+
+
 class ShardEmbedder:
-    """Ray Data actor: loads one teacher once, then embeds and writes whole shards.
+    """Ray Data actor: loads one teacher once, then embeds and writes whole shards (the `known` texts are copied)."""
 
-    `known` = (text ids, their embeddings) taken from earlier entries of the same teacher: those texts are copied,
-    not embedded again."""
-
-    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int, known: tuple[list[str], np.ndarray]):
+    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int, known: Known):
         import ray
 
         from cube_ray.teachers.model import Teacher
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         self.teacher = Teacher(spec, threads=max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS; torch needs telling too
-        self.entry, self.batch_size = entry, batch_size
-        self.known_row, self.known = {tid: i for i, tid in enumerate(known[0])}, known[1]
+        self.entry, self.batch_size, self.known = entry, batch_size, known
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+    def embed(self, texts: list[str], ids: list[str]) -> tuple[np.ndarray, int]:
         """The shard's embeddings, and how many of them the model computed (the rest were known)."""
-        rows = [self.known_row.get(text_id(t)) for t in texts]
-        todo = [j for j, r in enumerate(rows) if r is None]
-        if len(todo) == len(texts):
-            return self.teacher.embed(texts, self.batch_size), len(todo)
-        emb = np.empty((len(texts), self.known.shape[1]), dtype=np.float32)
-        done = [j for j, r in enumerate(rows) if r is not None]
-        emb[done] = self.known[[rows[j] for j in done]]
+        at, rows = self.known.locate(ids)
+        if not at:
+            return self.teacher.embed(texts, self.batch_size), len(texts)
+        emb = np.empty((len(texts), self.known.matrix.shape[1]), dtype=np.float32)
+        emb[at] = self.known.matrix[rows]
+        todo = sorted(set(range(len(texts))) - set(at))
         if todo:
             emb[todo] = self.teacher.embed([texts[j] for j in todo], self.batch_size)
         return emb, len(todo)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": []}
-        for shard, texts in zip(batch["shard"], batch["texts"]):
+        for shard, texts, ids in zip(batch["shard"], batch["texts"], batch["ids"]):
             start = time.perf_counter()
             texts = [str(t) for t in texts]
-            emb, embedded = self.embed(texts)
+            emb, embedded = self.embed(texts, [str(tid) for tid in ids])
             error = ""
             try:
                 check_embeddings(emb, self.teacher.width, self.entry.spec.name, texts, first_row=int(shard) * SHARD_SIZE)
@@ -122,23 +139,22 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     missing = entry.missing_shards()
     if len(missing) < entry.n_shards:
         log.info("%s: resuming, %d of %d shards already written", spec.name, entry.n_shards - len(missing), entry.n_shards)
-    items = [{"shard": i, "texts": ordered[i * SHARD_SIZE:(i + 1) * SHARD_SIZE]} for i in missing]
-    known = known_embeddings(store, entry, [t for item in items for t in item["texts"]])
-    reused = sum(text_id(t) in known for item in items for t in item["texts"])
-    embedding = len(items)
+    shards = [ordered[i * SHARD_SIZE:(i + 1) * SHARD_SIZE] for i in missing]
+    items = [{"shard": i, "texts": texts, "ids": [text_id(t) for t in texts]} for i, texts in zip(missing, shards)]
+    known = known_embeddings(store, entry, {tid for item in items for tid in item["ids"]})
+    reused = len(known.ids)  # texts are unique, so each known id is one text copied
     items = write_known_shards(entry, items, known)
     if reused:
         log.info("%s: %d texts copied from earlier entries, %d shard(s) written without the model", spec.name, reused,
-                 embedding - len(items))
+                 len(missing) - len(items))
     start = time.perf_counter()
     if not items:  # every missing text was known: no model work at all
         entry.finish(pq.read_schema(entry.shard_path(0)).field("embedding").type.list_size, 0.0)
         return ExtractResult(spec.name, entry, False, len(ordered), 0, 0.0, reused=reused)
-    todo_known = [tid for item in items for tid in map(text_id, item["texts"]) if tid in known]
-    known_arg = (todo_known, np.stack([known[tid] for tid in todo_known]) if todo_known else np.zeros((0, 0), np.float32))
+    known = known.subset([tid for item in items for tid in item["ids"]])  # the actors need only their shards' texts
     actors, cpus = _pool_shape(concurrency)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size, "known": known_arg},
+        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size, "known": known},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus)
     done, embedded, width, errors, warm = 0, 0, None, [], (0.0, 0)
     for row in ds.iter_rows():
@@ -163,26 +179,28 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm, reused=reused)
 
 
-def known_embeddings(store: EmbeddingStore, entry: Entry, texts: list[str]) -> dict[str, np.ndarray]:
-    """{text_id: embedding} of those `texts` that earlier entries of the same teacher already hold (one scan each):
+def known_embeddings(store: EmbeddingStore, entry: Entry, wanted: set[str]) -> Known:
+    """Those of the `wanted` text ids that earlier entries of the same teacher already hold (one scan each):
     growing a dataset, or changing its split, re-embeds only the new texts."""
-    wanted, known = {text_id(t) for t in texts}, {}
-    for other in store.reusable_entries(entry) if wanted else []:
-        found = other.find(wanted - known.keys())
-        known.update(found)
+    ids, parts, missing = [], [], set(wanted)
+    for other in store.reusable_entries(entry) if missing else []:
+        found, emb = other.find(missing)
+        ids += found
+        parts.append(emb)
+        missing.difference_update(found)
         log.info("%s: %d of the %d texts to embed are already in %s", entry.spec.name, len(found), len(wanted), other.dir)
-        if len(known) == len(wanted):
+        if not missing:
             break
-    return known
+    return Known(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
 
 
-def write_known_shards(entry: Entry, items: list[dict], known: dict[str, np.ndarray]) -> list[dict]:
+def write_known_shards(entry: Entry, items: list[dict], known: Known) -> list[dict]:
     """Write the shards whose every text is known (no model needed); return the items still to embed."""
     rest = []
     for item in items:
-        ids = [text_id(t) for t in item["texts"]]
-        if all(tid in known for tid in ids):
-            entry.write_shard(item["shard"], item["texts"], np.stack([known[tid] for tid in ids]))
+        at, rows = known.locate(item["ids"])
+        if len(at) == len(item["ids"]):
+            entry.write_shard(item["shard"], item["texts"], known.matrix[rows])
         else:
             rest.append(item)
     return rest

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
-from cube_ray.data.split import selection_split
 from cube_ray.fsutil import atomic_write_text
 
 log = logging.getLogger("cube_ray.report")
@@ -123,7 +122,8 @@ def held_out(best: Trial, seed: int) -> dict:
 
     torch.use_deterministic_algorithms(True)
     loaded = load_for_eval(best.dir / "best_eval")
-    return {"pairs": len(loaded.held_out), "table": comparison(loaded.student, loaded.train, loaded.held_out, seed=seed)}
+    return {"pairs": len(loaded.held_out), "picked_on": loaded.picked_on,
+            "table": comparison(loaded.student, loaded.train, loaded.held_out, seed=seed)}
 
 
 def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) -> list[str]:
@@ -211,7 +211,7 @@ def build_report(exp: str | Path) -> Path:
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
 
     teachers = best.config.teachers
-    selection = selection_split(json.loads((best.dir / "best_eval" / "data.json").read_text())["splits"])
+    selection = table["picked_on"]
     lines = [f"# Search report: {exp.name}", "",
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
              f"{selection} split's {metric.upper()} (`eval`, mean over teachers {', '.join(teachers)}), epochs as the "

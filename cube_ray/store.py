@@ -107,22 +107,23 @@ class Entry:
     def info(self) -> dict:
         return json.loads((self.dir / "entry.json").read_text())
 
-    def find(self, ids) -> dict[str, np.ndarray]:
-        """{text_id: embedding} for those of `ids` this entry holds, reading only those rows (one scan)."""
+    def find(self, ids) -> tuple[list[str], np.ndarray]:
+        """(text ids, embeddings) of those of `ids` this entry holds, row-aligned, reading only those rows (one scan)."""
         table = pads.dataset(sorted(self.dir.glob("part-*.parquet")), format="parquet").to_table(
             columns=["text_id", "embedding"], filter=pc.field("text_id").isin(pa.array(sorted(set(ids)))))
         width = table.schema.field("embedding").type.list_size
         emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
-        return dict(zip(table.column("text_id").to_pylist(), emb))
+        return table.column("text_id").to_pylist(), emb
 
     def lookup(self, texts: list[str]) -> np.ndarray:
         """Embeddings of `texts` (any order, repeats allowed), reading only the rows asked for."""
         ids = [text_id(t) for t in texts]
-        found = self.find(ids)
-        missing = [t for t, tid in zip(texts, ids) if tid not in found]
+        found, emb = self.find(ids)
+        row = {tid: i for i, tid in enumerate(found)}
+        missing = [t for t, tid in zip(texts, ids) if tid not in row]
         if missing:
             raise EmbeddingError(f"{self.dir}: {len(missing)} text(s) have no embedding in this entry, e.g. {missing[0][:80]!r}")
-        out = np.stack([found[tid] for tid in ids])
+        out = emb[[row[tid] for tid in ids]]
         check_embeddings(out, out.shape[1], self.spec.name, texts)
         return out
 

@@ -123,23 +123,28 @@ def retrain_and_evaluate(args, exp: Path) -> None:
         print(f"{name}: " + ", ".join(f"{t} MRR {rows['model']['mrr']:.3f}" for t, rows in table.items()), flush=True)
 
 
-def data_facts(args, exp: Path) -> None:
-    """Split sizes and extraction cost (from the dataset manifest and the store's entries) for the report."""
+def search_data(exp: Path):
+    """What the search ran on: its config, the prepared dataset's id, the store and the teachers' specs."""
     from cube_ray.config import SearchConfig, load_yaml
     from cube_ray.store import EmbeddingStore
     from cube_ray.teachers.registry import get_teacher, load_registry
 
     search = load_yaml(SearchConfig, exp / "search.yaml")
     ck = json.loads((next(exp.glob("trial_*/best_eval/data.json"))).read_text())
-    store = EmbeddingStore(search.store)
-    manifest = json.loads((store.dataset_dir(ck["dataset_id"]) / "manifest.json").read_text())
     registry = load_registry(search.teacher_config)
+    return search, ck["dataset_id"], EmbeddingStore(search.store), {t: get_teacher(t, registry) for t in ck["entries"]}
+
+
+def data_facts(exp: Path) -> None:
+    """Split sizes and extraction cost (from the dataset manifest and the store's entries) for the report."""
+    search, dataset_id, store, specs = search_data(exp)
+    manifest = json.loads((store.dataset_dir(dataset_id) / "manifest.json").read_text())
     teachers = {}
-    for t in ck["entries"]:
-        info = store.dataset_entry(ck["dataset_id"], get_teacher(t, registry)).info
+    for t, spec in specs.items():
+        info = store.dataset_entry(dataset_id, spec).info
         teachers[t] = {"n_texts": info["texts"], "width": info["width"], "extract_seconds": info["extract_seconds"]}
     (OUT / "data.json").write_text(json.dumps({
-        "dataset_id": ck["dataset_id"], "limit": search.data.limit, "val_fraction": search.data.val_fraction,
+        "dataset_id": dataset_id, "limit": search.data.limit, "val_fraction": search.data.val_fraction,
         "splits": {n: {"rows": s["rows"], "documents": s["documents"]} for n, s in manifest["splits"].items()},
         "decontaminated": len(manifest.get("decontaminated", [])), "teachers": teachers}, indent=1))
 
@@ -147,17 +152,11 @@ def data_facts(args, exp: Path) -> None:
 def split_baselines(exp: Path, split: str) -> None:
     """The baselines on one split (`val`: the split that picked the models; `eval`: SQuAD dev), raw and centred on
     the train mean, for every teacher: the scale of the search's figures, and the raw rows even where no raw cube ran."""
-    from cube_ray.config import SearchConfig, load_yaml
     from cube_ray.metrics import Centering, baselines
-    from cube_ray.store import EmbeddingStore
-    from cube_ray.teachers.registry import get_teacher, load_registry
     from cube_ray.train.data import load_split
 
-    search = load_yaml(SearchConfig, exp / "search.yaml")
-    ck = json.loads((next(exp.glob("trial_*/best_eval/data.json"))).read_text())
-    registry, store = load_registry(search.teacher_config), EmbeddingStore(search.store)
-    specs = {t: get_teacher(t, registry) for t in ck["entries"]}
-    train, held = (load_split(store, ck["dataset_id"], name, specs) for name in ("train", split))
+    _, dataset_id, store, specs = search_data(exp)
+    train, held = (load_split(store, dataset_id, name, specs) for name in ("train", split))
     out: dict = {"raw": {}, "centred": {}}
     for t in specs:
         out["raw"][t] = baselines(train.q[t], train.a[t], held.q[t], held.a[t])
@@ -377,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging()
         args.store = str(Path(args.store).resolve())
         exp = search(args)
-        data_facts(args, exp)
+        data_facts(exp)
         for split in ("val", "eval"):
             if not (OUT / f"baselines_{split}.json").exists():
                 split_baselines(exp, split)

@@ -14,6 +14,7 @@ import torch
 
 from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from cube_ray.config import ConfigError, TrainConfig, from_dict, to_dict
+from cube_ray.data.split import selection_split
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
 from cube_ray.store import EmbeddingStore
@@ -115,6 +116,7 @@ class EvalData:
     centres: dict[str, Centering]
     train: Pairs  # centred when the checkpoint centres
     held_out: Pairs
+    picked_on: str  # the split that chose this checkpoint: "val", or "eval" itself when the data has no val split
 
 
 def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
@@ -130,7 +132,8 @@ def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
         held_out = _embed_pairs(pairs, store, specs, snap.cfg)
     for split in (train, held_out):
         check_widths(snap.checkpoint, {t: x.shape[1] for t, x in split.q.items()}, f"store {store.root}")
-    return EvalData(snap.student, snap.centres, train.centred(snap.centres), held_out.centred(snap.centres))
+    return EvalData(snap.student, snap.centres, train.centred(snap.centres), held_out.centred(snap.centres),
+                    selection_split(snap.checkpoint.data["splits"]))
 
 
 def _embed_pairs(path: str, store: EmbeddingStore, specs: dict[str, TeacherSpec], cfg: TrainConfig) -> Pairs:

@@ -11,7 +11,7 @@ from cube_ray.train.loop import fit
 from cube_ray.evaluate import student_metrics
 from cube_ray.store import EmbeddingStore
 from cube_ray.train.data import load_split
-from cube_ray.train.snapshot import load_snapshot
+from cube_ray.train.snapshot import load_for_eval, load_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_a_val_split_picks_the_model_and_eval_stays_unseen(store, tmp_path):
     scored = {name: student_metrics(snap.student, pairs)["minilm"]["mrr"] for name, pairs in split.items()}
     assert result.history[-1]["minilm/mrr"] == pytest.approx(scored["val"], abs=1e-6)
     assert result.history[-1]["minilm/mrr"] != pytest.approx(scored["eval"], abs=1e-3)
+    assert load_for_eval(tmp_path / "run" / "best_eval").picked_on == "val"  # what the report states
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -69,6 +69,7 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     for plot in ("history.png", "importance.png", "curves.png"):
         assert (smoke / plot).stat().st_size > 1000
     assert "from 4 scored trials, fewer than 10: these shares are noise" in report  # not read as evidence
+    assert "Models were picked on the eval split itself (no --val-fraction)" in report  # the smoke data has no val
     figures = json.loads((smoke / "report.json").read_text())
     assert figures["cost"]["trials"] == 4 and figures["cost"]["errors"] == 0
     assert sum(figures["cost"][k] for k in ("complete", "early_stop", "stopped_by_asha", "time_budget")) == 4
