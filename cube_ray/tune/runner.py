@@ -151,7 +151,8 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
         return ray.tune.Tuner.restore(str(exp), trainable, resume_errored=True)
     # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places)
     searcher = OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, seed=search.seed,
-                            sampler=TPESampler(seed=search.seed, multivariate=True, group=True))
+                            sampler=TPESampler(seed=search.seed, multivariate=True, group=True),
+                            points_to_evaluate=start_points(space))
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=asha(search, space, exp), num_samples=search.num_samples,
@@ -160,6 +161,16 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=ray.tune.RunConfig(name=search.name, storage_path=str(exp.parent),
                                       failure_config=ray.tune.FailureConfig(max_failures=search.max_failures)))
+
+
+def start_points(space: SearchSpace) -> list[dict] | None:
+    """The trials Optuna runs before it samples: the base preset, where the space says `start_at_base`."""
+    if not space.start_at_base:
+        return None
+    point, outside = space.base_point()
+    log.info("first trial: the base preset%s", f" (sampled, the base value being outside the space: {', '.join(outside)})"
+             if outside else "")
+    return [point]
 
 
 def concurrency(search: SearchConfig, space: SearchSpace) -> int:

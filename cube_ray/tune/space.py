@@ -3,6 +3,7 @@
 Schema (see search_spaces/*.yaml):
 
     base: default            # a training preset (cube_ray/train/presets) the sampled values override
+    start_at_base: true      # optional: the first trial is the base preset itself (see SearchSpace.base_point)
     params:                  # order matters: a condition may only name an earlier parameter
       lr: {type: log-float, low: 1.0e-4, high: 3.0e-3}
       cube/dims: {type: categorical, choices: [[8, 8, 12], [6, 8, 16]]}
@@ -56,10 +57,25 @@ class Param:
             return CategoricalDistribution([False, True])
         if self.type == "categorical":
             # Optuna's categorical choices must be scalars: lists travel as their JSON text (train_config decodes).
-            return CategoricalDistribution([json.dumps(c) if isinstance(c, list) else c for c in self.choices])
+            return CategoricalDistribution([self.encode(c) for c in self.choices])
         if self.type == "int":
             return IntDistribution(int(self.low), int(self.high), step=self.step or 1)
         return FloatDistribution(self.low, self.high, log=self.type == "log-float")
+
+
+    def holds(self, value: Any) -> bool:
+        """Whether `value` (as a TrainConfig holds it) is one this parameter can take."""
+        if self.type == "bool":
+            return isinstance(value, bool)
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        return self.type != "int" or (float(value).is_integer() and (value - self.low) % (self.step or 1) == 0)
+
+    def encode(self, value: Any) -> Any:
+        """`value` as Optuna stores it (list choices travel as JSON text; train_config decodes them)."""
+        return json.dumps(value) if isinstance(value, list) else value
 
 
 @dataclasses.dataclass
@@ -67,6 +83,7 @@ class SearchSpace:
     name: str
     base: TrainConfig
     params: list[Param]
+    start_at_base: bool = False
 
     def define_by_run(self, trial) -> dict | None:
         """For OptunaSearch(space=...): suggest each parameter whose conditions hold, in file order."""
@@ -75,6 +92,24 @@ class SearchSpace:
             if all(chosen.get(k, _MISSING) == v for k, v in p.when):
                 chosen[p.name] = p.suggest(trial)
         return None
+
+    def base_point(self) -> tuple[dict[str, Any], list[str]]:
+        """The base preset as a point of this space, and the parameters whose range does not hold the base's value.
+
+        A search that starts here (`start_at_base`) tries the hand-set config first, so its best is never worse on the
+        picking split than where it started: a few random TPE start-up trials alone can all miss a config that works.
+        Parameters outside their range, and those whose condition rests on one, are left to the sampler."""
+        base = flatten(to_dict(self.base))
+        point: dict[str, Any] = {}
+        outside = []
+        for p in self.params:
+            if not all(point.get(k, _MISSING) == p.encode(v) for k, v in p.when):
+                continue
+            if p.holds(base[p.name]):
+                point[p.name] = p.encode(base[p.name])
+            else:
+                outside.append(p.name)
+        return point, outside
 
     def train_config(self, sampled: dict[str, Any]) -> TrainConfig:
         """The base config with `sampled` values (flat "a/b" names or nested dicts) applied, validated."""
@@ -165,16 +200,19 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'params' mapping")
-    unknown = sorted(set(data) - {"base", "params"})
+    unknown = sorted(set(data) - {"base", "params", "start_at_base"})
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected 'base' and 'params'")
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected 'base', 'params', 'start_at_base'")
+    if not isinstance(data.get("start_at_base", False), bool):
+        raise ConfigError(f"{path}: start_at_base must be true or false, got {data['start_at_base']!r}")
     base_path = PRESETS / f"{data.get('base', 'default')}.yaml"
     if not base_path.exists():
         raise ConfigError(f"{path}: base preset {data.get('base')!r} does not exist in {PRESETS}")
     params: dict[str, Param] = {}
     for pname, spec in data["params"].items():
         params[pname] = _param(str(path), pname, spec, params)
-    space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()))
+    space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()),
+                        data.get("start_at_base", False))
     for p in space.params:  # every categorical choice must make a valid config on its own
         for choice in p.choices:
             try:

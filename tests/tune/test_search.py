@@ -85,6 +85,12 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     assert table["minilm"]["model"]["mrr"] == pytest.approx(figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
 
 
+def test_the_search_tries_the_base_preset(smoke):
+    tried = [json.loads((trial / TRIAL).read_text()) for trial in trial_dirs(smoke)]
+    base = [p for p in tried if p["lr"] == 0.003 and p["loss/infonce"] == 0.5 and p["cube/attention"] is False]
+    assert len(base) == 1 and base[0]["epochs"] in (1, 2)  # smoke's 3 epochs are outside the space: sampled
+
+
 def test_conditional_parameters_are_sampled_only_when_their_condition_holds(smoke):
     for trial in trial_dirs(smoke):
         params = json.loads((trial / TRIAL).read_text())

@@ -1,4 +1,6 @@
 
+import dataclasses
+
 import optuna
 import pytest
 
@@ -63,6 +65,7 @@ def test_sampling_is_seeded_and_lists_round_trip():
     ("base: nosuch\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"base preset 'nosuch' does not exist"),
     ("params: {}\n", r"non-empty 'params'"),
     ("params: [\n", r"not valid YAML"),
+    ("start_at_base: yes please\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"start_at_base must be true or false"),
 ])
 def test_malformed_space_names_file_key_and_problem(tmp_path, text, message, reliability):
     reliability(scenario="bad input: malformed search space", done=f"space file {text.strip()!r}")
@@ -77,6 +80,24 @@ def test_malformed_space_names_file_key_and_problem(tmp_path, text, message, rel
 def test_unknown_space_lists_known_ones():
     with pytest.raises(ConfigError, match=r"no such search space; known: .*stage247"):
         load_space("stage999")
+
+
+def test_a_search_that_starts_at_base_tries_the_default_preset_first():
+    space = load_space("stage247")
+    assert space.start_at_base
+    point, outside = space.base_point()
+    assert outside == ["cube/max_steps"]  # the default's 8 steps are not among stage247's choices: sampled
+    assert "cube/attention_heads" not in point and "weighting/temperature" not in point  # their conditions are off
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(point)  # what OptunaSearch(points_to_evaluate=...) does
+    trial = study.ask()
+    space.define_by_run(trial)
+    cfg = space.train_config(trial.params)
+    assert cfg.cube.max_steps in (10, 15, 20, 25, 30)
+    assert cfg == dataclasses.replace(space.base, cube=dataclasses.replace(space.base.cube, max_steps=cfg.cube.max_steps))
+    assert load_space("stage24").base_point() == (  # the default's lr, batch size and loss mix are outside stage24's
+        {"epochs": 10, "weighting/mode": "uniform", "optimizer": "adamw"},
+        ["lr", "batch_size", "loss/curriculum", "loss/cosine", "loss/triplet", "loss/infonce"])
 
 
 def test_max_epochs_caps_every_trial_and_asha():
