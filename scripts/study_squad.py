@@ -224,11 +224,13 @@ def plots(summary: dict, runs: list[dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(OUT / "mrr.png", dpi=120)
     fig, ax = plt.subplots(figsize=(7, 4))
+    colour = {"best": "tab:blue", "default": "tab:cyan"}  # one colour per cube, as in mrr.png
     for run in runs:
-        ax.plot([r["epoch"] for r in run["history"]], [r["eval"] for r in run["history"]], marker="o",
-                ls="-" if run["center"] else "--", label=run["name"])
+        ax.plot([r["epoch"] for r in run["history"]], [r["eval"] for r in run["history"]], color=colour[run["config"]],
+                marker="os^"[run["seed"] % 3], ls="-" if run["center"] else "--", label=run["name"])
     ax.set(xlabel="epoch", ylabel="val MRR (mean over teachers)", title="retrains: best config and default preset")
-    ax.legend(fontsize=7)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(OUT / "retrain_curves.png", dpi=120)
     plt.close("all")
