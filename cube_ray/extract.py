@@ -16,43 +16,24 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, Entry, check_embeddings, shard_order, text_id
+from cube_ray.store import (SHARD_SIZE, EmbeddingError, Embeddings, EmbeddingStore, Entry, check_embeddings, shard_order,
+                            text_id)
 from cube_ray.fsutil import remove_stale_tmp
 from cube_ray.teachers.registry import TeacherSpec
 
 log = logging.getLogger("cube_ray.extract")
 
 
-@dataclass(frozen=True)
-class Known:
-    """Embeddings that earlier entries of the same teacher already hold, by text id: copied, not embedded again."""
-
-    ids: list[str]
-    matrix: np.ndarray
-
-    @cached_property
-    def _row(self) -> dict[str, int]:
-        return {tid: i for i, tid in enumerate(self.ids)}
-
-    def locate(self, ids: list[str]) -> tuple[list[int], list[int]]:
-        """(the positions in `ids` of the texts known here, their rows in `matrix`)."""
-        found = [(j, self._row[tid]) for j, tid in enumerate(ids) if tid in self._row]
-        return [j for j, _ in found], [r for _, r in found]
-
-    def subset(self, ids: list[str]) -> Known:
-        at, rows = self.locate(ids)
-        return Known([ids[j] for j in at], self.matrix[rows])
-
-
 class ShardEmbedder:
-    """Ray Data actor: loads one teacher once, then embeds and writes whole shards (the `known` texts are copied)."""
+    """Ray Data actor: loads one teacher once, then embeds and writes whole shards.
 
-    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int, known: Known):
+    `known`: embeddings of some of its texts that earlier entries of the same teacher hold: copied, not embedded again."""
+
+    def __init__(self, spec: TeacherSpec, entry: Entry, batch_size: int, known: Embeddings):
         import ray
 
         from cube_ray.teachers.model import Teacher
@@ -68,7 +49,7 @@ class ShardEmbedder:
             return self.teacher.embed(texts, self.batch_size), len(texts)
         emb = np.empty((len(texts), self.known.matrix.shape[1]), dtype=np.float32)
         emb[at] = self.known.matrix[rows]
-        todo = sorted(set(range(len(texts))) - set(at))
+        todo = self.known.missing(ids)
         if todo:
             emb[todo] = self.teacher.embed([texts[j] for j in todo], self.batch_size)
         return emb, len(todo)
@@ -179,22 +160,23 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
     return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm, reused=reused)
 
 
-def known_embeddings(store: EmbeddingStore, entry: Entry, wanted: set[str]) -> Known:
+def known_embeddings(store: EmbeddingStore, entry: Entry, wanted: set[str]) -> Embeddings:
     """Those of the `wanted` text ids that earlier entries of the same teacher already hold (one scan each):
     growing a dataset, or changing its split, re-embeds only the new texts."""
     ids, parts, missing = [], [], set(wanted)
     for other in store.reusable_entries(entry) if missing else []:
-        found, emb = other.find(missing)
-        ids += found
-        parts.append(emb)
-        missing.difference_update(found)
-        log.info("%s: %d of the %d texts to embed are already in %s", entry.spec.name, len(found), len(wanted), other.dir)
+        found = other.find(missing)
+        ids += found.ids
+        parts.append(found.matrix)
+        missing.difference_update(found.ids)
+        log.info("%s: %d of the %d texts to embed are already in %s", entry.spec.name, len(found.ids), len(wanted),
+                 other.dir)
         if not missing:
             break
-    return Known(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+    return Embeddings(ids, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
 
 
-def write_known_shards(entry: Entry, items: list[dict], known: Known) -> list[dict]:
+def write_known_shards(entry: Entry, items: list[dict], known: Embeddings) -> list[dict]:
     """Write the shards whose every text is known (no model needed); return the items still to embed."""
     rest = []
     for item in items:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,31 @@ def check_embeddings(emb: np.ndarray, width: int, teacher: str, texts: list[str]
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """Embeddings by text id: row i of `matrix` embeds the text whose id is `ids[i]`."""
+
+    ids: list[str]
+    matrix: np.ndarray
+
+    @cached_property
+    def _row(self) -> dict[str, int]:
+        return {tid: i for i, tid in enumerate(self.ids)}
+
+    def locate(self, ids: list[str]) -> tuple[list[int], list[int]]:
+        """(the positions in `ids` of the texts held here, their rows in `matrix`)."""
+        found = [(j, self._row[tid]) for j, tid in enumerate(ids) if tid in self._row]
+        return [j for j, _ in found], [r for _, r in found]
+
+    def missing(self, ids: list[str]) -> list[int]:
+        """The positions in `ids` of the texts not held here."""
+        return [j for j, tid in enumerate(ids) if tid not in self._row]
+
+    def subset(self, ids: list[str]) -> Embeddings:
+        at, rows = self.locate(ids)
+        return Embeddings([ids[j] for j in at], self.matrix[rows])
+
+
+@dataclass(frozen=True)
 class Entry:
     """One teacher's embeddings of one set of texts."""
 
@@ -107,23 +133,23 @@ class Entry:
     def info(self) -> dict:
         return json.loads((self.dir / "entry.json").read_text())
 
-    def find(self, ids) -> tuple[list[str], np.ndarray]:
-        """(text ids, embeddings) of those of `ids` this entry holds, row-aligned, reading only those rows (one scan)."""
+    def find(self, ids) -> Embeddings:
+        """The embeddings of those of `ids` this entry holds, reading only those rows (one scan)."""
         table = pads.dataset(sorted(self.dir.glob("part-*.parquet")), format="parquet").to_table(
             columns=["text_id", "embedding"], filter=pc.field("text_id").isin(pa.array(sorted(set(ids)))))
         width = table.schema.field("embedding").type.list_size
         emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
-        return table.column("text_id").to_pylist(), emb
+        return Embeddings(table.column("text_id").to_pylist(), emb)
 
     def lookup(self, texts: list[str]) -> np.ndarray:
         """Embeddings of `texts` (any order, repeats allowed), reading only the rows asked for."""
         ids = [text_id(t) for t in texts]
-        found, emb = self.find(ids)
-        row = {tid: i for i, tid in enumerate(found)}
-        missing = [t for t, tid in zip(texts, ids) if tid not in row]
+        found = self.find(ids)
+        missing = found.missing(ids)
         if missing:
-            raise EmbeddingError(f"{self.dir}: {len(missing)} text(s) have no embedding in this entry, e.g. {missing[0][:80]!r}")
-        out = emb[[row[tid] for tid in ids]]
+            raise EmbeddingError(f"{self.dir}: {len(missing)} text(s) have no embedding in this entry, "
+                                 f"e.g. {texts[missing[0]][:80]!r}")
+        out = found.matrix[found.locate(ids)[1]]
         check_embeddings(out, out.shape[1], self.spec.name, texts)
         return out
 

@@ -168,7 +168,7 @@ def start_points(space: SearchSpace) -> list[dict] | None:
     if not space.start_at_base:
         return None
     point, outside = space.base_point()
-    log.info("first trial: the base preset%s", f" (sampled, the base value being outside the space: {', '.join(outside)})"
+    log.info("first trial: the base preset%s", f" ({', '.join(outside)} sampled: the base value is outside the space)"
              if outside else "")
     return [point]
 

@@ -62,6 +62,9 @@ class Param:
             return IntDistribution(int(self.low), int(self.high), step=self.step or 1)
         return FloatDistribution(self.low, self.high, log=self.type == "log-float")
 
+    def active(self, chosen: dict[str, Any]) -> bool:
+        """Whether this parameter's conditions hold for the values `chosen` so far (as Optuna stores them)."""
+        return all(chosen.get(k, _MISSING) == self.encode(v) for k, v in self.when)
 
     def holds(self, value: Any) -> bool:
         """Whether `value` (as a TrainConfig holds it) is one this parameter can take."""
@@ -89,7 +92,7 @@ class SearchSpace:
         """For OptunaSearch(space=...): suggest each parameter whose conditions hold, in file order."""
         chosen: dict[str, Any] = {}
         for p in self.params:
-            if all(chosen.get(k, _MISSING) == v for k, v in p.when):
+            if p.active(chosen):
                 chosen[p.name] = p.suggest(trial)
         return None
 
@@ -103,7 +106,7 @@ class SearchSpace:
         point: dict[str, Any] = {}
         outside = []
         for p in self.params:
-            if not all(point.get(k, _MISSING) == p.encode(v) for k, v in p.when):
+            if not p.active(point):
                 continue
             if p.holds(base[p.name]):
                 point[p.name] = p.encode(base[p.name])
