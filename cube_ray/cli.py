@@ -19,7 +19,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="keep only the first N pairs of each file")
     p.add_argument("--decontaminate", action="store_true",
                    help="drop eval pairs whose text also occurs in train (recorded in the manifest) instead of refusing")
-    p.add_argument("--val-fraction", type=float, default=0.0,
+    p.add_argument("--val-fraction", type=float,
                    help="move this fraction of the train split (whole documents) into a 'val' split that picks "
                         "models (early stopping, best checkpoint, the search), so the eval split is used only for the "
                         "final report (default: 0: models are picked on eval)")
@@ -31,7 +31,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def data_config(args: argparse.Namespace) -> DataConfig:
     cfg = DataConfig(pairs=args.pairs, eval_pairs=args.eval_pairs, limit=args.limit, seed=args.seed,
-                     decontaminate=args.decontaminate, val_fraction=args.val_fraction)
+                     decontaminate=args.decontaminate, val_fraction=args.val_fraction or 0.0)
     cfg.validate()
     return cfg
 

@@ -24,6 +24,7 @@ ROWS = ("model", "identity", "mean_answer", "ridge")
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(student: Student, teacher: str, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, float]:
     """Predictions by the halting gate (inference), and the mean number of steps the samples ran."""
     student.eval()

@@ -1,12 +1,14 @@
 """The search report: `python -m cube_ray.report EXP_DIR` (re)builds it from the experiment folder alone.
 
-Writes beside the experiment: report.md (leaderboard, best config, held-out table of the best checkpoint against
-identity / mean answer / ridge on the same split, search cost), best_config.yaml, best_checkpoint (a text file
-holding the path), report.json (every figure), and plots: history.png (search history), importance.png
-(Optuna's parameter importance), curves.png (learning curves of the top trials).
+Writes beside the experiment: report.md (leaderboard, best trial against the base preset's trial, held-out table of
+the best checkpoint against identity / mean answer / ridge on the same split, search cost), best_config.yaml,
+best_checkpoint (a text file holding the path), report.json (every figure), and plots: history.png (search
+history), importance.png (Optuna's parameter importance), curves.png (round scores of the top trials).
 
-It reads only files: each trial folder's trial.json (sampled values), latest/ (its TrainState holds the per-epoch
-metrics), config.yaml (the trial's TrainConfig), finished.json (the trial's training ran to its end) and best_eval/ (its best checkpoint). No Ray is needed.
+The trials come from the experiment's Optuna study (`study.journal`: state, sampled values, score per round), each
+joined with its folder: latest/ (its TrainState holds the per-epoch metrics and the rounds), config.yaml (the
+trial's TrainConfig), finished.json (the trial's training ran to its end) and best_eval/ (its best checkpoint).
+No Ray is needed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
 from cube_ray.fsutil import atomic_write_text
+from cube_ray.tune.study import BASE_PRESET, CONTINUED_FROM, TRIAL_ID, load_study
 
 log = logging.getLogger("cube_ray.report")
 TOP = 10  # leaderboard rows
@@ -28,16 +31,22 @@ TOP = 10  # leaderboard rows
 # report still shows them, marked as such, so nobody reads "what mattered" into a handful of trials.
 FEW_TRIALS = 10
 CURVES = 5  # trials in the learning-curve plot
+STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unfinished", "error")
 
 
 @dataclasses.dataclass
 class Trial:
     id: str
+    number: int  # Optuna's trial number: the order the sampler proposed it
     dir: Path
-    params: dict  # the sampled values, flat "a/b" names
+    params: dict  # the sampled values, flat "a/b" names (list choices as JSON text, as Optuna stores them)
     config: TrainConfig
-    history: list[dict]  # one row of metrics per epoch
-    status: str  # complete | early stop | stopped by ASHA | time budget | error | unfinished
+    history: list[dict]  # one row of metrics per epoch (whole picking split)
+    rounds: list[dict]  # one row per round (samples_seen, round_eval on the fixed slice, time_s)
+    status: str  # one of STATUS_ORDER
+    base_preset: bool = False  # the enqueued base-preset trial
+    proposed_at: float | None = None  # when Optuna proposed it (seconds since the epoch)
+    ended_at: float | None = None  # when Optuna was told its end
 
     @property
     def best(self) -> dict:
@@ -45,72 +54,125 @@ class Trial:
 
     @property
     def score(self) -> float:
+        """The best whole-split score of any epoch (-inf for a trial stopped inside its first epoch)."""
         return self.best.get("eval", -math.inf)
 
     @property
+    def round_score(self) -> float:
+        """The last round's score on the fixed slice: what ASHA compared."""
+        return self.rounds[-1]["round_eval"] if self.rounds else -math.inf
+
+    @property
+    def samples(self) -> int:
+        return int(self.rounds[-1]["samples_seen"]) if self.rounds else 0
+
+    @property
     def seconds(self) -> float:
-        return self.history[-1].get("time_s", 0.0) if self.history else 0.0
+        return self.rounds[-1].get("time_s", 0.0) if self.rounds else 0.0
 
     @property
     def cpus(self) -> int:
         return self.config.workers * self.config.cpus_per_worker
 
+    @property
+    def rank_key(self) -> tuple:
+        """Best first: a whole-split score beats any slice score, then the further-trained round score."""
+        return (-self.score, -self.samples, -self.round_score)
+
 
 def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
-    from cube_ray.tune.runner import ASHA_STOPPED, TRIAL
+    """This experiment's trials, from its Optuna study (trials copied by --continue-from are not its own)."""
+    from optuna.trial import TrialState
 
+    from cube_ray.tune.runner import ASHA_STOPPED
+
+    study = load_study(exp)
+    if study is None:
+        raise FileNotFoundError(f"{exp}: no Optuna study (study.journal); is this a search experiment folder?")
     asha_stopped = set(json.loads((exp / ASHA_STOPPED).read_text())) if (exp / ASHA_STOPPED).exists() else set()
     trials = []
-    for folder in sorted(p.parent for p in exp.glob(f"*/{TRIAL}")):
-        if not (folder / "config.yaml").exists():  # the trial failed before training started
+    for ot in study.get_trials(deepcopy=False):
+        folder = exp / f"trial_{ot.user_attrs.get(TRIAL_ID)}"
+        if CONTINUED_FROM in ot.user_attrs or not (folder / "config.yaml").exists():  # failed before training started
             continue
         # The history travels in the checkpoint's TrainState: complete across restarts, unlike Tune's result.json,
         # which a killed driver may never have synced.
-        history = load_checkpoint(folder / "latest").state["train_state"]["history"] if (folder / "latest").exists() else []
+        state = load_checkpoint(folder / "latest").state["train_state"] if (folder / "latest").exists() else {}
         config = load_yaml(TrainConfig, folder / "config.yaml")
         trial_id = folder.name.removeprefix("trial_")
-        trials.append(Trial(trial_id, folder, json.loads((folder / TRIAL).read_text()),
-                            config, history, _status(folder, config, history, trial_id in asha_stopped, budget)))
+        status = {TrialState.FAIL: "error"}.get(ot.state) or _status(folder, ot.state == TrialState.PRUNED,
+                                                                      trial_id in asha_stopped, budget)
+        trials.append(Trial(trial_id, ot.number, folder, dict(ot.params), config, state.get("history", []),
+                            state.get("rounds", []), status, bool(ot.user_attrs.get(BASE_PRESET)),
+                            ot.datetime_start.timestamp() if ot.datetime_start else None,
+                            ot.datetime_complete.timestamp() if ot.datetime_complete else None))
     return trials
 
 
-def _status(folder: Path, config: TrainConfig, history: list[dict], asha_stopped: bool, budget: bool) -> str:
+# The phases of a trial's wall time, from its stamps (train/timing.py) and Optuna's proposal and end times.
+PHASES = {
+    "proposed -> trial running (Tune scheduling, trial actor start)": lambda t, tr, w: tr["start"] - t.proposed_at,
+    "trial running -> Train run asked for (config, folders)": lambda t, tr, w: tr["fit_start"] - tr["start"],
+    "Train controller + worker group start": lambda t, tr, w: w["start"] - tr["fit_start"],
+    "worker setup (shard hand-over, picking split, model, batch probe)": lambda t, tr, w: w["setup_done"] - w["start"],
+    "setup -> first report (training, scoring, checkpoint)": lambda t, tr, w: w["first_report"] - w["setup_done"],
+    "scoring (rounds' slice and epochs' whole split)": lambda t, tr, w: w.get("score_s", 0.0),
+    "checkpoints and reports": lambda t, tr, w: w.get("checkpoint_s", 0.0),
+    "last report -> trial ended (stop, teardown)": lambda t, tr, w: t.ended_at - w["last_report"],
+    "whole trial (proposed -> ended)": lambda t, tr, w: t.ended_at - t.proposed_at,
+}
+
+
+def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
+    """Per phase of a trial's wall time: median, total and the trials measured (those with every stamp)."""
+    import numpy as np
+
+    from cube_ray.train.timing import read_timing
+
+    out = {}
+    for name, phase in PHASES.items():
+        values = []
+        for t in trials:
+            timing = read_timing(t.dir)
+            try:
+                values.append(phase(t, timing["trial"], timing["worker"]))
+            except (KeyError, TypeError):  # a stamp missing: killed before it, or not a search trial
+                continue
+        if values:
+            out[name] = {"median_s": float(np.median(values)), "total_s": float(np.sum(values)), "trials": len(values)}
+    return out
+
+
+def _status(folder: Path, pruned: bool, asha_stopped: bool, budget: bool) -> str:
     from cube_ray.tune.runner import FINISHED
 
     if (folder / FINISHED).exists():
         return "early stop" if json.loads((folder / FINISHED).read_text())["stopped"] else "complete"
-    if history and history[-1]["epoch"] >= config.epochs:
-        return "complete"  # stopped by the scheduler at its last epoch
     if asha_stopped:
         return "stopped by ASHA"
     if (folder / "error.txt").exists():
         return "error"
-    # Tune stops whatever still runs when the budget is spent (even before its first epoch)
-    return "time budget" if budget else "unfinished"
+    # Tune stops whatever still runs when the budget is spent (even before its first round)
+    return "time budget" if budget or pruned else "unfinished"
 
 
-def importance(trials: list[Trial], search: SearchConfig) -> dict[str, float]:
-    """Optuna's parameter importance (fANOVA) over the trials' best eval, on a study rebuilt from the trials."""
+def importance(exp: Path, seed: int) -> tuple[dict[str, float], int]:
+    """Optuna's parameter importance (fANOVA) over the study's complete trials (those --continue-from brought in
+    included), and how many trials it rests on."""
     import optuna
+    from optuna.trial import TrialState
 
-    from cube_ray.tune.space import load_space
-
-    dists = {p.name: p.distribution() for p in load_space(search.space).params}
-    scored = [t for t in trials if t.history]
-    if len(scored) < 2:
-        return {}
+    study = load_study(exp)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}, len(complete)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for t in scored:
-        params = {k: v for k, v in t.params.items() if k in dists}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                  value=t.score))
     try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=search.seed)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), len(complete)
     except (RuntimeError, ValueError) as e:  # e.g. every trial scored the same
         log.warning("parameter importance unavailable: %s", e)
-        return {}
+        return {}, len(complete)
 
 
 def held_out(best: Trial, seed: int) -> dict:
@@ -126,27 +188,23 @@ def held_out(best: Trial, seed: int) -> dict:
             "table": comparison(loaded.student, loaded.train, loaded.held_out, seed=seed)}
 
 
-def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) -> list[str]:
+def plots(exp: Path, trials: list[Trial], imp: dict[str, float], imp_trials: int, metric: str) -> list[str]:
     import matplotlib
-
-    from cube_ray.tune.runner import TRIAL
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    scored = [t for t in trials if t.history]
+    order = sorted((t for t in trials if t.rounds), key=lambda t: t.number)
     fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {"complete": "tab:blue", "early stop": "tab:green", "stopped by ASHA": "tab:orange",
-               "time budget": "tab:grey", "error": "tab:red"}
-    order = sorted(scored, key=lambda t: (t.dir / TRIAL).stat().st_mtime)
+    colours = dict(zip(STATUS_ORDER, ("tab:blue", "tab:green", "tab:orange", "tab:grey", "tab:purple", "tab:red")))
     for status, colour in colours.items():
-        pts = [(i + 1, t.score) for i, t in enumerate(order) if t.status == status]
+        pts = [(t.number, t.round_score) for t in order if t.status == status]
         if pts:
             ax.scatter(*zip(*pts), c=colour, label=status)
-    running = [max(t.score for t in order[: i + 1]) for i in range(len(order))]
-    ax.step(range(1, len(order) + 1), running, where="post", c="k", lw=1, label="best so far")
-    ax.set(xlabel="trial (in start order)", ylabel=f"best eval {metric}", title="search history")
+    running = [max(t.round_score for t in order[: i + 1]) for i in range(len(order))]
+    ax.step([t.number for t in order], running, where="post", c="k", lw=1, label="best so far")
+    ax.set(xlabel="trial (Optuna's number)", ylabel=f"last round {metric} (picking slice)", title="search history")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -156,15 +214,15 @@ def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) ->
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(imp))))
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names])
-        few = " - too few trials: noise" if len(scored) < FEW_TRIALS else ""
-        ax.set(xlabel="importance (fANOVA, share of variance)", title=f"parameter importance ({len(scored)} trials{few})")
+        few = " - too few trials: noise" if imp_trials < FEW_TRIALS else ""
+        ax.set(xlabel="importance (fANOVA, share of variance)", title=f"parameter importance ({imp_trials} complete trials{few})")
         fig.tight_layout()
         fig.savefig(exp / "importance.png", dpi=120)
         made.append("importance.png")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for t in sorted(scored, key=lambda t: -t.score)[:CURVES]:
-        ax.plot([r["epoch"] for r in t.history], [r["eval"] for r in t.history], marker="o", label=t.id)
-    ax.set(xlabel="epoch", ylabel=f"eval {metric}", title=f"learning curves, top {CURVES} trials")
+    for t in sorted(order, key=lambda t: t.rank_key)[:CURVES]:
+        ax.plot([r["samples_seen"] for r in t.rounds], [r["round_eval"] for r in t.rounds], marker=".", label=t.id)
+    ax.set(xlabel="training samples", ylabel=f"round {metric} (picking slice)", title=f"learning curves, top {CURVES} trials")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(exp / "curves.png", dpi=120)
@@ -175,12 +233,12 @@ def plots(exp: Path, trials: list[Trial], imp: dict[str, float], metric: str) ->
 
 def cost(exp: Path, trials: list[Trial]) -> dict:
     sessions = json.loads((exp / "sessions.json").read_text()) if (exp / "sessions.json").exists() else []
-    return {"trials": len(trials), "stopped_by_asha": sum(t.status == "stopped by ASHA" for t in trials),
-            "time_budget": sum(t.status == "time budget" for t in trials),
-            "early_stop": sum(t.status == "early stop" for t in trials),
-            "complete": sum(t.status == "complete" for t in trials), "errors": sum(t.status == "error" for t in trials),
-            "unfinished": sum(t.status == "unfinished" for t in trials),
-            "epochs": sum(len(t.history) for t in trials),
+    counts = {s: sum(t.status == s for t in trials) for s in STATUS_ORDER}
+    return {"trials": len(trials), "complete": counts["complete"], "early_stop": counts["early stop"],
+            "stopped_by_asha": counts["stopped by ASHA"], "time_budget": counts["time budget"],
+            "errors": counts["error"], "unfinished": counts["unfinished"],
+            "epochs": sum(len(t.history) for t in trials), "rounds": sum(len(t.rounds) for t in trials),
+            "samples": sum(t.samples for t in trials),
             "cpu_hours": sum(t.seconds * t.cpus for t in trials) / 3600, "wall_s": sum(sessions), "sessions": len(sessions)}
 
 
@@ -190,81 +248,117 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def build_report(exp: str | Path) -> Path:
-    """Write report.md and its companions into the experiment folder; returns the report's path."""
+def _leaderboard(scored: list[Trial], keys: list[str], teachers: list[str]) -> list[str]:
+    lines = ["| # | trial | eval (whole split) | last round (slice) | " + " | ".join(f"{t} MRR" for t in teachers)
+             + " | samples | best epoch / run / budget | status | E[steps] | minutes | "
+             + " | ".join(f"`{k}`" for k in keys) + " |", "|" + "---|" * (10 + len(teachers) + len(keys))]
+    for rank, t in enumerate(scored[:TOP], start=1):
+        b = t.best
+        lines.append(f"| {rank} | {t.id}{' (base preset)' if t.base_preset else ''} | {t.score:.4f} | {t.round_score:.4f} | "
+                     + " | ".join(f"{b.get(f'{x}/mrr', math.nan):.4f}" for x in teachers)
+                     + f" | {t.samples} | {b.get('epoch', '–')} / {len(t.history)} / {t.config.epochs} | {t.status} "
+                     f"| {b.get('expected_steps', math.nan):.2f} | {t.seconds / 60:.1f} | "
+                     + " | ".join(_fmt(t.params.get(k, "–")) for k in keys) + " |")
+    return lines
+
+
+def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, center: bool) -> list[str]:
     from cube_ray.evaluate import ROWS
 
+    lines = []
+    for teacher, rows in table["table"].items():
+        lines += [f"**{teacher}** (centred: {'yes' if center else 'no'})", "",
+                  "| row | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|"]
+        shown = [("best trial", rows["model"])] + ([(f"base preset (trial {base.id})", base_table["table"][teacher]["model"])]
+                                                   if base_table else []) + [(r, rows[r]) for r in ROWS if r != "model"]
+        lines += [f"| {name} | {r['cos']:.3f} | {r['r1']:.3f} | {r['r5']:.3f} | {r['mrr']:.3f} |" for name, r in shown]
+        model, best_baseline = rows["model"]["mrr"], max((r for r in ROWS if r != "model"), key=lambda r: rows[r]["mrr"])
+        verdict = [f"The best trial {'beats' if model > rows[best_baseline]['mrr'] else 'does **not** beat'} every "
+                   f"baseline on MRR (the best is {best_baseline}: {model:.3f} vs {rows[best_baseline]['mrr']:.3f})"]
+        if base_table:
+            b = base_table["table"][teacher]["model"]["mrr"]
+            verdict.append(f"it {'beats' if model > b else 'does **not** beat'} the base preset's trial ({b:.3f})")
+        lines += ["", "; ".join(verdict) + ".", ""]
+    return lines
+
+
+def build_report(exp: str | Path) -> Path:
+    """Write report.md and its companions into the experiment folder; returns the report's path."""
     exp = Path(exp).resolve()
     search = load_yaml(SearchConfig, exp / "search.yaml")
     trials = load_trials(exp, budget=bool(search.time_budget_s))
-    scored = sorted([t for t in trials if t.history], key=lambda t: -t.score)
+    scored = sorted([t for t in trials if t.rounds], key=lambda t: t.rank_key)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
-    imp = importance(trials, search)
+    imp, imp_trials = importance(exp, search.seed)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
-    best = next(t for t in scored if (t.dir / "best_eval").exists())
+    with_checkpoint = [t for t in scored if (t.dir / "best_eval").exists()]
+    if not with_checkpoint:
+        raise RuntimeError(f"{exp}: no trial finished an epoch (no best_eval/ checkpoint); nothing to evaluate")
+    best = with_checkpoint[0]
+    base = next((t for t in with_checkpoint if t.base_preset), None)
     table = held_out(best, search.seed)
+    base_table = held_out(base, search.seed) if base is not None and base is not best else None
     figures = cost(exp, trials)
-    made = plots(exp, trials, imp, metric)
+    phases = trial_cost(trials)
+    made = plots(exp, trials, imp, imp_trials, metric)
     save_yaml(best.config, exp / "best_config.yaml")
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
+    grace, factor = search.grace_samples, search.reduction_factor
+    known = sum(CONTINUED_FROM in t.user_attrs for t in load_study(exp).get_trials(deepcopy=False))
 
     teachers = best.config.teachers
     selection = table["picked_on"]
     lines = [f"# Search report: {exp.name}", "",
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
-             f"{selection} split's {metric.upper()} (`eval`, mean over teachers {', '.join(teachers)}), epochs as the "
-             f"time attribute (grace {search.grace_period}, reduction factor {search.reduction_factor}"
-             + (f", at most {search.max_epochs} epochs per trial" if search.max_epochs else "") + "). "
+             f"{selection} split's {metric.upper()} (mean over teachers {', '.join(teachers)}): every round of "
+             f"{best.config.report_every_samples} training samples scores a fixed slice of it (`round_eval`, what ASHA "
+             f"compares, rungs in samples" + (f": grace {grace}" if grace else "") + (f", factor {factor}" if factor else "")
+             + f"), every epoch's end the whole split (`eval`, which picks checkpoints); {best.config.epochs} epochs at "
+             "most per trial. "
+             + (f"The sampler started knowing {known} finished trials of `{search.continue_from}`. " if known else "")
              + ("The held-out table below is on the eval split, which picked nothing. " if selection != "eval" else
                 "Models were picked on the eval split itself (no --val-fraction), so its figures below are optimistic. ") +
-             f"Rebuild: `python -m cube_ray.report {exp}`.", "",
-             "## Leaderboard", "",
-             "| # | trial | eval | " + " | ".join(f"{t} MRR" for t in teachers) + " | best epoch / run / planned | status "
-             "| E[steps] | minutes | " + " | ".join(f"`{k}`" for k in keys) + " |",
-             "|" + "---|" * (7 + len(teachers) + len(keys))]
-    for rank, t in enumerate(scored[:TOP], start=1):
-        b = t.best
-        lines.append(f"| {rank} | {t.id} | {t.score:.4f} | " + " | ".join(f"{b.get(f'{x}/mrr', math.nan):.4f}" for x in teachers)
-                     + f" | {b['epoch']} / {len(t.history)} / {t.config.epochs} | {t.status} | {b.get('expected_steps', math.nan):.2f} "
-                     f"| {t.seconds / 60:.1f} | " + " | ".join(_fmt(t.params.get(k, "–")) for k in keys) + " |")
+             f"Study: `optuna-dashboard {exp / 'study.journal'}`. Rebuild: `python -m cube_ray.report {exp}`.", "",
+             "## Leaderboard", ""] + _leaderboard(scored, keys, teachers)
     lines += ["", "## Best trial", "",
               f"Trial `{best.id}`: best eval {best.score:.4f} at epoch {best.best['epoch']}, expected halting steps "
-              f"{best.best.get('expected_steps', math.nan):.2f} of max {best.config.cube.max_steps}.",
+              f"{best.best.get('expected_steps', math.nan):.2f} of max {best.config.cube.max_steps}"
+              + (f"; the base preset's trial `{base.id}` scored {base.score:.4f}" if base is not None and base is not best
+                 else "; it is the base preset's trial" if best.base_preset else "") + ".",
               f"Checkpoint: `{best.dir / 'best_eval'}` (also in `best_checkpoint`); config: `best_config.yaml`.", "",
               "Sampled parameters:", ""]
     lines += [f"- `{k}`: {_fmt(v)}" for k, v in best.params.items()]
-    lines += ["", f"## Held-out: best checkpoint against baselines ({table['pairs']} pairs, same split)", ""]
-    for teacher, rows in table["table"].items():
-        lines += [f"**{teacher}** (centred: {'yes' if best.config.center else 'no'})", "",
-                  "| row | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|"]
-        lines += [f"| {r} | {rows[r]['cos']:.3f} | {rows[r]['r1']:.3f} | {rows[r]['r5']:.3f} | {rows[r]['mrr']:.3f} |" for r in ROWS]
-        beats = rows["model"]["mrr"] > rows["ridge"]["mrr"]
-        lines += ["", f"The cube {'beats' if beats else 'does **not** beat'} ridge regression on MRR "
-                  f"({rows['model']['mrr']:.3f} vs {rows['ridge']['mrr']:.3f})"
-                  + ("" if rows["model"]["mrr"] > rows["identity"]["mrr"] else
-                     f", and does not beat identity ({rows['identity']['mrr']:.3f})") + ".", ""]
+    lines += ["", f"## Held-out: best checkpoint against the base preset and the baselines ({table['pairs']} pairs, same split)", ""]
+    lines += _held_out_tables(table, base_table, base, best.config.center)
     lines += ["## Search cost", "",
               f"- trials: {figures['trials']} ({figures['complete']} ran all their epochs, {figures['early_stop']} "
               f"stopped by their own early stopping, {figures['stopped_by_asha']} stopped early by ASHA, "
               f"{figures['time_budget']} cut by the time budget, {figures['errors']} failed, "
               f"{figures['unfinished']} unfinished)",
-              f"- epochs trained: {figures['epochs']}; CPU-hours: {figures['cpu_hours']:.3f} (trial time x CPUs)",
+              f"- samples trained: {figures['samples']} in {figures['rounds']} rounds ({figures['epochs']} whole epochs); "
+              f"CPU-hours: {figures['cpu_hours']:.3f} (trial time x CPUs)",
               f"- wall time: {figures['wall_s'] / 60:.1f} min over {figures['sessions']} driver session(s), "
               "data preparation and extraction included", "",
-              "## Plots", ""] + [f"![{m}]({m})" for m in made]
+              "Where a trial's time goes (seconds; from each trial's `timing.json` and the study's times):", "",
+              "| phase | median | total | trials |", "|---|---|---|---|"]
+    lines += [f"| {name} | {p['median_s']:.1f} | {p['total_s']:.0f} | {p['trials']} |" for name, p in phases.items()]
+    lines += ["", "## Plots", ""] + [f"![{m}]({m})" for m in made]
     if imp:
         lines += ["", "Parameter importance: " + ", ".join(f"`{k}` {v:.2f}" for k, v in list(imp.items())[:8])
-                  + (f" (from {len(scored)} scored trials, fewer than {FEW_TRIALS}: these shares are noise, not evidence "
-                     "of what matters)" if len(scored) < FEW_TRIALS else "")]
+                  + (f" (from {imp_trials} complete trials, fewer than {FEW_TRIALS}: these shares are noise, not evidence "
+                     "of what matters)" if imp_trials < FEW_TRIALS else f" (from {imp_trials} complete trials)")]
     report = exp / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_text(exp / "report.json", json.dumps({
-        "cost": figures, "importance": imp, "best": {"trial": best.id, "eval": best.score, "params": best.params,
+        "cost": figures, "trial_cost": phases, "importance": imp, "best": {"trial": best.id, "eval": best.score, "params": best.params,
                                                      "checkpoint": str(best.dir / "best_eval"), "epoch": best.best["epoch"]},
-        "held_out": table, "trials": [{"id": t.id, "status": t.status, "eval": t.score if t.history else None,
-                                       "epochs": len(t.history), "params": t.params} for t in trials]}, indent=1, default=str))
+        "base_preset": {"trial": base.id, "eval": base.score, "held_out": base_table or table} if base else None,
+        "held_out": table, "trials": [{"id": t.id, "number": t.number, "status": t.status,
+                                       "eval": t.score if t.history else None, "round_eval": t.round_score if t.rounds else None,
+                                       "samples": t.samples, "epochs": len(t.history), "params": t.params} for t in trials]},
+        indent=1, default=str))
     return report
 
 

@@ -156,7 +156,8 @@ class Entry:
 
 class EmbeddingStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        # absolute: extraction actors and Ray Train workers run in working directories of their own
+        self.root = Path(root).absolute()
 
     def entry(self, spec: TeacherSpec, texts: list[str]) -> Entry:
         """The entry for `spec` over the unique `texts` (already in shard order), complete or not."""

@@ -48,10 +48,15 @@ class BestCheckpoints(Callback):
             return
         targets = ["latest"] + ["best_eval"] * self.improved_eval + ["best_loss"] * self.improved_loss
         for name in targets:
-            tmp = run.out / f".tmp-{name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(path, tmp)
-            swap_in(tmp, run.out / name)
+            keep_as(path, run.out / name)
+
+
+def keep_as(checkpoint: Path, target: Path) -> None:
+    """Copy a checkpoint folder to `target`, replacing it atomically: a kill leaves the old one or the new one."""
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    swap_in(tmp, target)
 
 
 class EarlyStopping(Callback):

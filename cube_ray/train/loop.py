@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -38,12 +39,14 @@ from cube_ray.model import Student
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
-from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics
+from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
+from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 @dataclasses.dataclass
@@ -169,7 +172,42 @@ def _peak_rss_mb(world: int) -> list[float]:
     return [p.item() for p in peaks]
 
 
-def train_loop_per_worker(config: dict) -> dict:
+@dataclasses.dataclass
+class Worker:
+    """One Ray Train worker's whole training setup: what `train_loop_per_worker` builds before its first step."""
+
+    run: Run
+    model: torch.nn.Module  # the student, DDP-wrapped when there are several workers
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    sizer: BatchSizer
+    loss_fn: CombinedLoss
+    callbacks: list[Callback]
+    shard: Pairs  # this worker's train rows, centred
+    round_pairs: Pairs  # the fixed slice of the picking split every round scores
+    centres: dict[str, Centering]
+    specs: dict[str, TeacherSpec]
+    config: dict  # fit's train_loop_config
+    steps_per_epoch: int
+    share: int  # this worker's samples per step
+    world: int
+    resumed_from: str | None
+    last_epoch: int = 0  # this call trains up to here (fit's stop_after; else cfg.epochs)
+    timing: dict = dataclasses.field(default_factory=dict)  # timing.json's "worker" part (rank 0 writes it)
+
+
+def round_slice(pairs: Pairs, size: int, seed: int) -> Pairs:
+    """A fixed, seeded slice of `size` queries (the whole split when it is smaller): every round of every trial of a
+    search scores the same queries, so rounds are cheap and comparable; epoch ends score the whole split."""
+    if len(pairs) <= size:
+        return pairs
+    pick = np.sort(np.random.default_rng(seed).choice(len(pairs), size=size, replace=False))
+    return Pairs([pairs.ids[i] for i in pick], [pairs.questions[i] for i in pick], [pairs.answers[i] for i in pick],
+                 {t: x[pick] for t, x in pairs.q.items()}, {t: x[pick] for t, x in pairs.a.items()})
+
+
+def setup_worker(config: dict) -> Worker:
+    """Read the data, build the student, optimiser and schedule, and continue from a checkpoint if there is one."""
     import ray.train
     import ray.train.torch
 
@@ -211,8 +249,6 @@ def train_loop_per_worker(config: dict) -> dict:
         seed_everything(cfg.seed * 1000 + rank + 1)  # stochastic cell updates differ per rank, reproducibly
     share = cfg.batch_size // world + (rank < cfg.batch_size % world)
     sizer = BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, ctx.get_local_world_size()), cfg.max_micro_batch)
-    loss_fn = CombinedLoss(cfg.loss)
-    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
@@ -220,70 +256,140 @@ def train_loop_per_worker(config: dict) -> dict:
         sizer.probe(lambda n: model(shard.q[t0][:n], t0).output.sum(), probe_size=min(32, len(shard)))
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
+    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
     for cb in callbacks:
         cb.on_start(run)
+    return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard,
+                  round_slice(eval_pairs, cfg.round_eval_size, cfg.seed), centres, specs, config, steps_per_epoch,
+                  share, world, str(snap.checkpoint.dir) if snap is not None else None)
 
-    peaks: list[float] = []  # each worker's peak RSS, measured every epoch
-    last_epoch = min(cfg.epochs, state.epoch + config["stop_after"]) if config.get("stop_after") else cfg.epochs
-    while state.epoch < last_epoch and not run.stop:
-        for cb in callbacks:
-            cb.on_epoch_start(run)
-        student.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + state.epoch * 101 + rank)
-        start, samples, epoch_loss, parts_sum = time.perf_counter(), 0, 0.0, {}
-        order = torch.randperm(len(shard), generator=gen)
-        for step in range(steps_per_epoch):
-            idx = order[torch.arange(step * share, (step + 1) * share) % len(shard)]  # wraps: every rank same steps
-            loss, parts = train_step(run, loss_fn, model, optimizer, sizer, take(shard, idx))
-            if schedule is not None and cfg.schedule == "cosine":
-                schedule.step()
-            state.global_step += 1
-            samples += len(idx)
-            epoch_loss += loss / steps_per_epoch
-            accumulate(parts_sum, parts, 1 / steps_per_epoch)
-        seconds = time.perf_counter() - start
-        per_teacher = student_metrics(student, eval_pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
-        key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
-        metrics = {"epoch": state.epoch + 1, "loss": epoch_loss, "eval": float(np.mean([m[key] for m in per_teacher.values()])),
-                   "samples_per_s": samples * world / seconds, "micro_batch": sizer.micro,
-                   "accumulation": sizer.accumulation, "lr": optimizer.param_groups[0]["lr"],
-                   "expected_steps": float(np.mean([parts_sum[f"{t}/steps"] for t in cfg.teachers])),
-                   "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
-                   "peak_rss_mb": max(peaks := _peak_rss_mb(world)), "time_s": state.seconds + time.perf_counter() - start}
-        metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
-        metrics.update({f"train/{k}": v for k, v in parts_sum.items()})
-        if cfg.weighting.mode == "adaptive":
-            weights = student.update_weights({t: 1 - per_teacher[t].get("cos", per_teacher[t].get("recon_cos", 0))
-                                              for t in cfg.teachers})
-        else:
-            weights = student.weights()
-        metrics.update({f"weight/{t}": w for t, w in weights.items()})
-        if schedule is not None and cfg.schedule == "plateau":
-            schedule.step(metrics["eval"])
-        for cb in callbacks:
-            cb.on_validation_end(run, metrics)
-        state.epoch += 1
-        state.seconds = metrics["time_s"]
-        state.micro_batch = sizer.micro
-        state.batch_decisions = list(sizer.decisions)
-        state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        state.capture_rng()
-        if rank == 0:
-            log.info("epoch %d/%d  loss %.4f  eval %s %.4f  steps %.2f  %.0f samples/s  micro-batch %d x %d%s",
-                     state.epoch, cfg.epochs, epoch_loss, key, metrics["eval"], metrics["expected_steps"],
-                     metrics["samples_per_s"], sizer.micro, sizer.accumulation, f"  ({run.stop})" if run.stop else "")
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                training = {"optimizer": optimizer.state_dict(), "train_state": dataclasses.asdict(state),
-                            "schedule": schedule.state_dict() if schedule is not None else None}
-                path = save_snapshot(Path(tmp) / "ck", student, centres, cfg, specs, config["data_ref"], training)
-                for cb in callbacks:
-                    cb.on_checkpoint(run, path)
-                checkpoint = ray.train.Checkpoint.from_directory(str(path))
-            ray.train.report(metrics, checkpoint=checkpoint)
-    return {"epochs": state.epoch, "stopped": run.stop, "history": state.history, "batch_decisions": state.batch_decisions,
-            "worker_peak_rss_mb": peaks, "resumed_from": str(snap.checkpoint.dir) if snap is not None else None}
+
+def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str, float]]]:
+    """The selection metric on `pairs` (mean over teachers) and each teacher's metrics."""
+    cfg, start = w.run.cfg, time.perf_counter()
+    per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
+    key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
+    w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
+    return float(np.mean([m[key] for m in per_teacher.values()])), per_teacher
+
+
+def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = None) -> dict[str, float]:
+    """What every report carries: the round's score on the fixed slice, and where the run is. At an epoch's end a
+    slice that is the whole split reuses the whole split's score."""
+    state = w.run.state
+    same = whole_split_score is not None and w.round_pairs is w.run.eval_pairs
+    score = whole_split_score if same else selection_score(w, w.round_pairs)[0]
+    row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
+           "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch}
+    state.rounds.append(row)
+    return {**row, "best_eval": state.best_eval}
+
+
+def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
+    """An epoch's end: the selection metric on the whole picking split, throughput, halting, teacher weights."""
+    cfg, student, state = w.run.cfg, w.run.student, w.run.state
+    score, per_teacher = selection_score(w, w.run.eval_pairs)
+    metrics = {"epoch": state.epoch + 1, "loss": sums["loss"], "eval": score,
+               "samples_per_s": sums["samples"] * w.world / max(sums["seconds"], 1e-9), "micro_batch": w.sizer.micro,
+               "accumulation": w.sizer.accumulation, "lr": w.optimizer.param_groups[0]["lr"],
+               "expected_steps": float(np.mean([sums["parts"][f"{t}/steps"] for t in cfg.teachers])),
+               "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
+               "peak_rss_mb": max(_peak_rss_mb(w.world)), "time_s": state.seconds + elapsed}
+    metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
+    metrics.update({f"train/{k}": v for k, v in sums["parts"].items()})
+    if cfg.weighting.mode == "adaptive":
+        weights = student.update_weights({t: 1 - per_teacher[t].get("cos", per_teacher[t].get("recon_cos", 0))
+                                          for t in cfg.teachers})
+    else:
+        weights = student.weights()
+    metrics.update({f"weight/{t}": w_ for t, w_ in weights.items()})
+    if w.schedule is not None and cfg.schedule == "plateau":
+        w.schedule.step(metrics["eval"])
+    return metrics
+
+
+def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
+    """Hand a round's metrics to Ray, with the run's state saved as latest/. At an epoch's end the checkpoint also
+    goes to Ray (which keeps the best K by the whole split's `eval`) and to best_eval/, best_loss/."""
+    import ray.train
+
+    run, state = w.run, w.run.state
+    state.micro_batch = w.sizer.micro
+    state.batch_decisions = list(w.sizer.decisions)
+    state.capture_rng()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if run.rank == 0:
+            training = {"optimizer": w.optimizer.state_dict(), "train_state": dataclasses.asdict(state),
+                        "schedule": w.schedule.state_dict() if w.schedule is not None else None}
+            path = save_snapshot(Path(tmp) / "ck", run.student, w.centres, run.cfg, w.specs, w.config["data_ref"], training)
+            for cb in w.callbacks if epoch_end else ():
+                cb.on_checkpoint(run, path)
+            if not epoch_end:
+                keep_as(path, run.out / "latest")
+            checkpoint = ray.train.Checkpoint.from_directory(str(path)) if epoch_end else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+    if run.rank == 0:
+        w.timing["checkpoint_s"] = w.timing.get("checkpoint_s", 0.0) + time.perf_counter() - start
+        w.timing["reports"] = w.timing.get("reports", 0) + 1
+        w.timing.setdefault("first_report", now())
+        stamp(run.out, "worker", **w.timing, last_report=now())
+
+
+def train_epoch(w: Worker) -> None:
+    """The rest of the current epoch (all of it, unless a round's checkpoint fell inside it), reporting each round;
+    then validation on the whole picking split, the callbacks and the epoch's checkpoint."""
+    run, cfg, state = w.run, w.run.cfg, w.run.state
+    for cb in w.callbacks:
+        cb.on_epoch_start(run)
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + state.epoch * 101 + run.rank)
+    order = torch.randperm(len(w.shard), generator=gen)  # the same for a resumed epoch: it continues at its step
+    sums = state.partial or {"loss": 0.0, "parts": {}, "samples": 0, "seconds": 0.0}
+    start = time.perf_counter()
+    for step in range(state.step_in_epoch, w.steps_per_epoch):
+        w.run.student.train()
+        idx = order[torch.arange(step * w.share, (step + 1) * w.share) % len(w.shard)]  # wraps: every rank same steps
+        loss, parts = train_step(run, w.loss_fn, w.model, w.optimizer, w.sizer, take(w.shard, idx))
+        if w.schedule is not None and cfg.schedule == "cosine":
+            w.schedule.step()
+        before, state.samples_seen = state.samples_seen, state.samples_seen + cfg.batch_size
+        state.global_step, state.step_in_epoch = state.global_step + 1, step + 1
+        sums["samples"] += len(idx)
+        sums["loss"] += loss / w.steps_per_epoch
+        accumulate(sums["parts"], parts, 1 / w.steps_per_epoch)
+        if state.samples_seen // cfg.report_every_samples > before // cfg.report_every_samples \
+                and step + 1 < w.steps_per_epoch:  # a round inside the epoch (its end is one anyway)
+            state.partial = {**sums, "seconds": sums["seconds"] + time.perf_counter() - start}
+            save_and_report(w, round_metrics(w, state.partial["seconds"]), epoch_end=False)
+    sums["seconds"] += time.perf_counter() - start
+    metrics = epoch_metrics(w, sums, sums["seconds"])
+    for cb in w.callbacks:
+        cb.on_validation_end(run, metrics)
+    metrics.update(round_metrics(w, sums["seconds"], metrics["eval"]))
+    state.epoch, state.step_in_epoch, state.partial = state.epoch + 1, 0, {}
+    state.seconds = metrics["time_s"]
+    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if run.rank == 0:
+        log.info("epoch %d/%d  loss %.4f  eval %.4f  steps %.2f  %.0f samples/s  micro-batch %d x %d%s", state.epoch,
+                 cfg.epochs, metrics["loss"], metrics["eval"], metrics["expected_steps"], metrics["samples_per_s"],
+                 w.sizer.micro, w.sizer.accumulation, f"  ({run.stop})" if run.stop else "")
+    metrics["done_training"] = state.epoch >= w.last_epoch or bool(run.stop)  # Tune tells Optuna: complete
+    save_and_report(w, metrics, epoch_end=True)
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    started = now()
+    w = setup_worker(config)
+    w.timing.update(start=started, setup_done=now())
+    state = w.run.state
+    stop_after = config.get("stop_after")
+    w.last_epoch = min(w.run.cfg.epochs, state.epoch + stop_after) if stop_after else w.run.cfg.epochs
+    while state.epoch < w.last_epoch and not w.run.stop:
+        train_epoch(w)
+    return {"epochs": state.epoch, "stopped": w.run.stop, "history": state.history,
+            "batch_decisions": state.batch_decisions, "worker_peak_rss_mb": _peak_rss_mb(w.world),
+            "resumed_from": w.resumed_from}
 
 
 @dataclasses.dataclass
@@ -373,6 +479,10 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's controller collects a worker's report only when it polls (every 2 s by default) and a worker's
+    # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
+    # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
     out = Path(out).resolve()
     recover_swap(out / "latest")
     if (out / "latest").exists() and not resume:

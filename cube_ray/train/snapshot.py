@@ -100,7 +100,7 @@ def resume_snapshot(ray_checkpoint, out: Path, storage: Path) -> Snapshot | None
     newest = [snap for c in ([ray_checkpoint] if ray_checkpoint is not None else []) + [out / "latest"]
               if (snap := load(c)) is not None]
     if newest:
-        return max(newest, key=lambda snap: snap.checkpoint.state["train_state"]["epoch"])
+        return max(newest, key=lambda snap: snap.checkpoint.state["train_state"]["global_step"])
     ray_path = getattr(ray_checkpoint, "path", None)  # already tried above
     older = sorted((d for d in storage.glob("*/checkpoint_*") if d.is_dir() and str(d) != ray_path), key=lambda d: (d / "checkpoint.json").stat().st_mtime
                    if (d / "checkpoint.json").exists() else 0.0, reverse=True)

@@ -13,6 +13,9 @@ import torch
 class TrainState:
     epoch: int = 0  # epochs finished
     global_step: int = 0
+    samples_seen: int = 0  # training samples so far, all workers together (ASHA's time attribute)
+    step_in_epoch: int = 0  # steps of the current epoch done: a round's checkpoint may fall inside an epoch
+    partial: dict[str, Any] = dataclasses.field(default_factory=dict)  # the current epoch's sums so far
     best_eval: float = float("-inf")
     best_loss: float = float("inf")
     epochs_without_improvement: int = 0
@@ -21,6 +24,7 @@ class TrainState:
     micro_batch: int | None = None  # the batch sizer's current choice, so a resume does not re-probe
     batch_decisions: list[str] = dataclasses.field(default_factory=list)
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row of metrics per epoch
+    rounds: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row per round (see Round)
     seconds: float = 0.0  # wall time of the epochs so far (training and validation), across resumes
     rng: dict[str, Any] = dataclasses.field(default_factory=dict)
 

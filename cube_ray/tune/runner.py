@@ -2,14 +2,16 @@
 
     run_search(SearchConfig) -> experiment folder <out>/<name>/
 
-1. Load and validate the search space, prepare the data (the contamination check refuses a bad split here,
-   before any trial) and extract every teacher's embeddings once; all trials read the same store.
+1. Make every path absolute (trials run in working directories of their own), load and validate the search space,
+   prepare the data (the contamination check refuses a bad split here, before any trial) and extract every
+   teacher's embeddings once; all trials read the same store.
 2. A Tune trial is a small driver (`run_trial`, 0 CPUs): it builds the trial's TrainConfig and calls `fit`, whose
    TorchTrainer workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
-   continues its own run from the latest checkpoint, and `TuneReportCallback` hands every epoch's metrics to Tune.
-3. ASHA compares trials on `eval` (held-out MRR, comparable at any epoch) at the epoch rungs; OptunaSearch (TPE,
-   seeded, multivariate) samples the next configs define-by-run, so conditional parameters are honoured.
-4. `resume_search` restores the Tuner: finished trials stay, unfinished ones continue, the searcher state returns.
+   continues its own run from the latest checkpoint, and `TuneReportCallback` hands every round's metrics to Tune.
+3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs counted in training samples
+   (`samples_seen`), so a trial can be stopped long before its first epoch ends; OptunaSearch (TPE with the space's
+   settings, constant liar) samples define-by-run into the durable study of `study.py`.
+4. `--resume` restores the Tuner: finished trials stay, unfinished ones continue, the study is the same file.
 """
 from __future__ import annotations
 
@@ -22,35 +24,44 @@ from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
 from cube_ray.fsutil import atomic_write_text
+from cube_ray.train.timing import now, stamp
 from cube_ray.tune.space import SearchSpace, flatten, load_space
+from cube_ray.tune.study import ROUND_METRIC, STEP, copy_finished_trials, make_searcher
 
 log = logging.getLogger("cube_ray.tune")
 
 SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
-METRIC, MODE, TIME_ATTR = "eval", "max", "epoch"
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 TRIAL = "trial.json"  # the trial's sampled parameters
 FINISHED = "finished.json"  # written by a trial whose training ran to its end (all epochs, or its own early stop)
 ASHA_STOPPED = "asha_stopped.json"  # the trials ASHA stopped, so the report tells them from time-budget stops
 
 
-def asha(search: SearchConfig, space: SearchSpace, exp: Path):
-    """ASHA on `eval` at epoch rungs, recording each trial it stops in the experiment folder."""
+def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
+    """ASHA on `round_eval` at rungs in training samples, recording each trial it stops in the experiment folder."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    max_t = trial_epochs(search, space) * train_rows
 
     class RecordingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and result.get(TIME_ATTR, 0) < self._max_t:
+            if action == TrialScheduler.STOP and not result.get("done_training"):
                 path = exp / ASHA_STOPPED
                 stopped = json.loads(path.read_text()) if path.exists() else []
                 atomic_write_text(path, json.dumps(sorted(set(stopped) | {trial.trial_id})))
             return action
 
+    grace, factor = scheduler_settings(search, space)
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
-    return RecordingASHA(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_epochs(space, search.max_epochs),
-                         grace_period=search.grace_period, reduction_factor=search.reduction_factor,
-                         stop_last_trials=False)
+    return RecordingASHA(time_attr=STEP, metric=ROUND_METRIC, mode="max", max_t=max(max_t, grace), grace_period=grace,
+                         reduction_factor=factor, stop_last_trials=False)
+
+
+def scheduler_settings(search: SearchConfig, space: SearchSpace) -> tuple[int, int]:
+    """ASHA's grace period (samples) and reduction factor: the command's, else the space file's."""
+    return (search.grace_samples or space.scheduler.grace_samples,
+            search.reduction_factor or space.scheduler.reduction_factor)
 
 
 def space_for(search: SearchConfig) -> SearchSpace:
@@ -61,25 +72,24 @@ def space_for(search: SearchConfig) -> SearchSpace:
         raise ConfigError(f"search space {search.space!r}: {shared} cannot be searched: every trial reads the same "
                           f"prepared data with the same teachers and workers ({', '.join(SHARED)} are fixed per search)")
     base = dataclasses.replace(space.base, data=search.data, workers=search.workers_per_trial,
-                               keep_checkpoints=search.keep_checkpoints, seed=search.seed)
+                               cpus_per_worker=search.cpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
+                               epochs=trial_epochs(search, space),
+                               report_every_samples=search.report_every_samples or space.base.report_every_samples)
     if search.teachers:
         base.teachers = list(search.teachers)
     base.validate()
     return dataclasses.replace(space, base=base)
 
 
-def max_epochs(space: SearchSpace, cap: int | None = None) -> int:
-    """ASHA's max_t: the largest epoch count any trial can draw (at most `cap`)."""
-    drawn = next((int(max(p.choices) if p.choices else p.high) for p in space.params if p.name == "epochs"),
-                 space.base.epochs)
-    return min(drawn, cap or drawn)
+def trial_epochs(search: SearchConfig, space: SearchSpace) -> int:
+    """The epochs of a trial no rung stops (ASHA's max_t in epochs): the space's budget, capped by --max-epochs."""
+    budget = space.scheduler.epochs or space.base.epochs
+    return min(budget, search.max_epochs or budget)
 
 
-def trial_config(config: dict, search: SearchConfig, space: SearchSpace):
-    """The TrainConfig of one trial's sampled values, its epochs capped by the search's max_epochs."""
+def trial_config(config: dict, space: SearchSpace):
+    """The TrainConfig of one trial's sampled values (on the search's base: data, teachers, epochs budget)."""
     cfg = space.train_config(config)
-    if search.max_epochs:
-        cfg.epochs = min(cfg.epochs, search.max_epochs)
     cfg.validate()
     return cfg
 
@@ -94,16 +104,19 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
 
     # The trial folder in the experiment (not Tune's local staging copy, which a stopped trial never syncs back):
     # checkpoints land where a restarted trial, --resume and the report look for them.
+    started = now()
     trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
     prune_unregistered_checkpoints(trial_dir / "train")
-    cfg = trial_config(config, search, space)
+    cfg = trial_config(config, space)
     trial_dir.mkdir(parents=True, exist_ok=True)  # the sampled values, flat, beside the trial's checkpoints
     atomic_write_text(trial_dir / TRIAL, json.dumps(flatten(config)))
+    stamp(trial_dir, "trial", start=started, fit_start=now())
     result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data,
                  run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
                                     "callbacks": [TuneReportCallback()],
                                     "failure_config": ray.train.FailureConfig(max_failures=search.max_failures)})
     atomic_write_text(trial_dir / FINISHED, json.dumps({"epochs": len(result.history), "stopped": result.stopped}))
+    stamp(trial_dir, "trial", fit_end=now())
 
 
 def prune_unregistered_checkpoints(run_dir: Path) -> list[str]:
@@ -135,13 +148,13 @@ def _values(node, key: str):
 
 
 def experiment_dir(search: SearchConfig) -> Path:
-    return Path(search.out).resolve() / search.name
+    if not Path(search.out).is_absolute():  # inside a trial, a relative path would point into Ray's session folder
+        raise ValueError(f"out must be absolute here (SearchConfig.with_absolute_paths), got {search.out!r}")
+    return Path(search.out) / search.name
 
 
 def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     import ray.tune
-    from optuna.samplers import TPESampler
-    from ray.tune.search.optuna import OptunaSearch
 
     # The trial's driver reserves no CPU (its Train workers hold them); Tune needs a non-empty request, so memory.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, search=search, space=space, data=data),
@@ -149,13 +162,14 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     exp = experiment_dir(search)
     if restore:
         return ray.tune.Tuner.restore(str(exp), trainable, resume_errored=True)
-    # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places)
-    searcher = OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, seed=search.seed,
-                            sampler=TPESampler(seed=search.seed, multivariate=True, group=True),
-                            points_to_evaluate=start_points(space))
+    known = copy_finished_trials(Path(search.continue_from), exp, space) if search.continue_from else 0
+    # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places); an earlier
+    # experiment that is continued has tried the base preset already
+    searcher = make_searcher(space, exp, search.seed, start_points(space) if not known else None)
     return ray.tune.Tuner(
         trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=asha(search, space, exp), num_samples=search.num_samples,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=asha(search, space, exp, data.rows),
+                                        num_samples=search.num_samples,
                                         max_concurrent_trials=concurrency(search, space),
                                         time_budget_s=search.time_budget_s,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
@@ -192,6 +206,7 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     from cube_ray.train.loop import prepare_run
 
     start = time.time()
+    search = search.with_absolute_paths()  # before Ray starts: trials run in working directories of their own
     exp = experiment_dir(search)
     saved = exp / "search.yaml"
     if resume:
@@ -201,10 +216,16 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
         search = dataclasses.replace(load_yaml(SearchConfig, saved), out=str(exp.parent), name=exp.name)
     elif saved.exists():
         raise FileExistsError(f"{exp} already holds an experiment; pass --resume to continue it, or choose another --name")
-    search.store = str(Path(search.store or default_store()).resolve())
+    search = dataclasses.replace(search, store=search.store or default_store()).with_absolute_paths()
+    exp = experiment_dir(search)
     search.validate()
+    if search.continue_from and not (Path(search.continue_from) / "search.yaml").exists():
+        raise FileNotFoundError(f"--continue-from {search.continue_from}: not an experiment folder (no search.yaml)")
     registry = load_registry(search.teacher_config)
     space = space_for(search)  # a malformed space fails here, before Ray starts
+    grace, factor = scheduler_settings(search, space)  # saved as used, so the report and --resume read them
+    search = dataclasses.replace(search, grace_samples=grace, reduction_factor=factor,
+                                 report_every_samples=space.base.report_every_samples)
     init_ray(address)
     require_state_api()
     # Once for all trials: data preparation (the contamination check refuses a bad split here), extraction of

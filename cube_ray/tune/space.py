@@ -4,6 +4,8 @@ Schema (see search_spaces/*.yaml):
 
     base: default            # a training preset (cube_ray/train/presets) the sampled values override
     start_at_base: true      # optional: the first trial is the base preset itself (see SearchSpace.base_point)
+    sampler: {n_startup_trials: 4}          # optional: Optuna TPESampler settings (SamplerSettings)
+    scheduler: {grace_samples: 1024}        # optional: ASHA in training samples (SchedulerSettings)
     params:                  # order matters: a condition may only name an earlier parameter
       lr: {type: log-float, low: 1.0e-4, high: 3.0e-3}
       cube/dims: {type: categorical, choices: [[8, 8, 12], [6, 8, 16]]}
@@ -14,6 +16,9 @@ A parameter's name is the path of a TrainConfig field, parts joined by "/" (Ray 
 float, log-float (low, high), int (low, high, optional step), categorical (choices; lists allowed), bool. `when`
 maps earlier parameter names to the value they must have for this one to be sampled. Everything is checked before
 any trial runs, and every error names the file, the parameter and the problem.
+
+`epochs` is not a parameter: it is the budget ASHA hands out (a trial that survives every rung trains the base
+preset's epochs, or `scheduler.epochs`), so no sampled value decides how long a trial may train.
 """
 from __future__ import annotations
 
@@ -82,11 +87,47 @@ class Param:
 
 
 @dataclasses.dataclass
+class SamplerSettings:
+    """Optuna's TPESampler, sized for searches of tens of trials (the space file's `sampler:` mapping)."""
+
+    n_startup_trials: int = 4  # random trials before TPE models; Optuna's default of 10 is a whole search on a laptop
+    multivariate: bool = True
+    group: bool = True  # with multivariate: models each set of parameters that occur together (conditions)
+    constant_liar: bool = True  # trials still running count as bad, so concurrent trials are not proposed as twins
+    n_ei_candidates: int = 24
+
+    def validate(self) -> None:
+        if self.n_startup_trials < 0 or self.n_ei_candidates < 1:
+            raise ValueError(f"need n_startup_trials >= 0 and n_ei_candidates >= 1, got {self.n_startup_trials}, "
+                             f"{self.n_ei_candidates}")
+
+
+@dataclasses.dataclass
+class SchedulerSettings:
+    """ASHA on `samples_seen` (the space file's `scheduler:` mapping): rungs at grace_samples x reduction_factor^k."""
+
+    grace_samples: int = 1024  # every trial trains this many samples before ASHA may stop it
+    reduction_factor: int = 3  # each rung keeps the best 1/reduction_factor
+    epochs: int | None = None  # the budget of a trial no rung stopped (None: the base preset's epochs)
+
+    def validate(self) -> None:
+        if self.grace_samples < 1 or self.reduction_factor < 2 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"need grace_samples >= 1, reduction_factor >= 2 and epochs >= 1, got "
+                             f"{self.grace_samples}, {self.reduction_factor}, {self.epochs}")
+
+
+@dataclasses.dataclass
 class SearchSpace:
     name: str
     base: TrainConfig
     params: list[Param]
     start_at_base: bool = False
+    sampler: SamplerSettings = dataclasses.field(default_factory=SamplerSettings)
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
+
+    def distributions(self) -> dict[str, Any]:
+        """Each parameter's Optuna distribution: two spaces with the same ones can share trials (--continue-from)."""
+        return {p.name: p.distribution() for p in self.params}
 
     def define_by_run(self, trial) -> dict | None:
         """For OptunaSearch(space=...): suggest each parameter whose conditions hold, in file order."""
@@ -203,9 +244,13 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'params' mapping")
-    unknown = sorted(set(data) - {"base", "params", "start_at_base"})
+    keys = ("base", "params", "start_at_base", "sampler", "scheduler")
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected 'base', 'params', 'start_at_base'")
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected some of {list(keys)}")
+    if "epochs" in data["params"]:
+        raise ConfigError(f"{path}: parameter 'epochs' cannot be searched: it is the budget ASHA hands out (set "
+                          "scheduler.epochs, or the base preset's epochs)")
     if not isinstance(data.get("start_at_base", False), bool):
         raise ConfigError(f"{path}: start_at_base must be true or false, got {data['start_at_base']!r}")
     base_path = PRESETS / f"{data.get('base', 'default')}.yaml"
@@ -215,7 +260,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     for pname, spec in data["params"].items():
         params[pname] = _param(str(path), pname, spec, params)
     space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()),
-                        data.get("start_at_base", False))
+                        data.get("start_at_base", False),
+                        from_dict(SamplerSettings, data.get("sampler") or {}, where=f"{path}: sampler"),
+                        from_dict(SchedulerSettings, data.get("scheduler") or {}, where=f"{path}: scheduler"))
     for p in space.params:  # every categorical choice must make a valid config on its own
         for choice in p.choices:
             try:

@@ -1,6 +1,8 @@
 """The search end to end on a real local Ray cluster the test starts (`ray.cluster_utils.Cluster`), the real minilm
-teacher and the bundled SQuAD sample: report, best checkpoint, conditions, retention, and a driver killed with
-SIGKILL then resumed (that driver and its successor join the cluster with --address)."""
+teacher and the bundled SQuAD sample: report, best checkpoint, conditions, retention, the Optuna study (rounds,
+pruned and complete trials), --continue-from, the default relative --out from a fresh working directory, and a
+driver killed with SIGKILL then resumed (the CLI drivers join the cluster with --address)."""
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +16,8 @@ import yaml
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
-from cube_ray.tune.runner import FINISHED, TRIAL, prune_unregistered_checkpoints, run_search
+from cube_ray.tune.runner import ASHA_STOPPED, FINISHED, TRIAL, prune_unregistered_checkpoints, run_search
+from cube_ray.tune.study import BASE_PRESET, CONTINUED_FROM, TRIAL_ID, load_study
 
 KEEP = 1
 
@@ -66,13 +69,20 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     for heading in ("## Leaderboard", "## Best trial", "## Held-out", "## Search cost"):
         assert heading in report
     assert "| ridge |" in report and "| identity |" in report and "| mean_answer |" in report
-    for plot in ("history.png", "importance.png", "curves.png"):
+    for plot in ("history.png", "curves.png"):
         assert (smoke / plot).stat().st_size > 1000
-    assert "from 4 scored trials, fewer than 10: these shares are noise" in report  # not read as evidence
     assert "Models were picked on the eval split itself (no --val-fraction)" in report  # the smoke data has no val
     figures = json.loads((smoke / "report.json").read_text())
     assert figures["cost"]["trials"] == 4 and figures["cost"]["errors"] == 0
     assert sum(figures["cost"][k] for k in ("complete", "early_stop", "stopped_by_asha", "time_budget")) == 4
+    complete = figures["cost"]["complete"] + figures["cost"]["early_stop"]
+    if complete >= 2:  # fANOVA needs two complete trials
+        assert (smoke / "importance.png").stat().st_size > 1000
+        assert f"from {complete} complete trials, fewer than 10: these shares are noise" in report  # not evidence
+    assert "| base preset (trial " in report  # the best trial against the base preset's, on held-out data
+    assert {"Train controller + worker group start", "whole trial (proposed -> ended)"} <= {
+        k.split(" (")[0] if k.startswith("Train") else k for k in figures["trial_cost"]}
+    assert all(p["trials"] >= 1 and p["median_s"] >= 0 for p in figures["trial_cost"].values())
     best = Path((smoke / "best_checkpoint").read_text().strip())
     assert best.parent.name == f"trial_{figures['best']['trial']}"
     assert max(t["eval"] for t in figures["trials"]) == pytest.approx(figures["best"]["eval"])
@@ -85,10 +95,88 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     assert table["minilm"]["model"]["mrr"] == pytest.approx(figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
 
 
-def test_the_search_tries_the_base_preset(smoke):
+def test_the_search_tries_the_base_preset_first(smoke):
     tried = [json.loads((trial / TRIAL).read_text()) for trial in trial_dirs(smoke)]
     base = [p for p in tried if p["lr"] == 0.003 and p["loss/infonce"] == 0.5 and p["cube/attention"] is False]
-    assert len(base) == 1 and base[0]["epochs"] in (1, 2)  # smoke's 3 epochs are outside the space: sampled
+    assert len(base) == 1 and "epochs" not in base[0]  # epochs are ASHA's budget, not sampled
+    first = load_study(smoke).trials[0]
+    assert first.user_attrs[BASE_PRESET] and first.params == base[0]
+
+
+def test_the_study_holds_rounds_and_tells_asha_stops_as_pruned(smoke):
+    from optuna.trial import TrialState
+
+    study = load_study(smoke)  # durable: a file in the experiment folder (optuna-dashboard reads it)
+    assert (smoke / "study.journal").stat().st_size > 0 and len(study.trials) == 4
+    stopped = set(json.loads((smoke / ASHA_STOPPED).read_text())) if (smoke / ASHA_STOPPED).exists() else set()
+    for t in study.trials:
+        folder = smoke / f"trial_{t.user_attrs[TRIAL_ID]}"
+        rounds = load_checkpoint(folder / "latest").state["train_state"]["rounds"]
+        steps = sorted(t.intermediate_values)
+        assert steps == sorted({int(r["samples_seen"]) for r in rounds})[:len(steps)] and steps[0] == 128  # every round
+        assert t.intermediate_values[steps[-1]] == pytest.approx(rounds[len(steps) - 1]["round_eval"])
+        if t.user_attrs[TRIAL_ID] in stopped and not (folder / FINISHED).exists():
+            assert t.state == TrialState.PRUNED and t.value == t.intermediate_values[steps[-1]]  # its last round
+        else:
+            assert t.state == TrialState.COMPLETE and (folder / FINISHED).exists()
+            best = max(r["eval"] for r in history(folder))  # the whole split's best epoch, not a round's slice
+            assert t.value == pytest.approx(best)
+
+
+def test_every_path_is_under_the_working_directory_with_the_default_relative_out(cluster, store, tmp_path):
+    """The README's command as a user runs it: a fresh working directory, the default `--out results`."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    cwd = tmp_path / "fresh"
+    cwd.mkdir()
+    done = subprocess.run(tune_cli("--space", "smoke", "--num-samples", "2", "--name", "relative", "--store",
+                                   str(store), "--limit", "300", "--address", cluster.address),
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp = cwd / "results" / "relative"
+    assert (exp / "report.md").exists() and (exp / "study.journal").exists()
+    trials = trial_dirs(exp)
+    assert len(trials) == 2 and all((t / "latest" / "checkpoint.json").exists() for t in trials)
+    best = Path((exp / "best_checkpoint").read_text().strip())
+    assert best.is_relative_to(exp) and (best / "checkpoint.json").exists()
+    assert any((best.parent / "train").glob("checkpoint_*"))  # Ray's own (epoch) checkpoints, too
+    # nothing the search writes lands under Ray's session folder (Ray Tune stages its own driver files there), and
+    # the trials' working directories there stay empty
+    ours = {TRIAL, FINISHED, "checkpoint.json", "config.yaml", "timing.json", "report.md", "study.journal"}
+    leaked = [p for p in session.rglob("*") if p.name in ours]
+    leaked += [p for d in session.rglob("working_dirs") for p in d.rglob("*") if p.is_file()]
+    assert leaked == [], leaked
+
+    smoke = yaml.safe_load((Path(__file__).parents[2] / "cube_ray" / "train" / "presets" / "smoke.yaml").read_text())
+    (cwd / "smoke.yaml").write_text(yaml.safe_dump({**smoke, "data": {"limit": 300}, "workers": 1}))
+    train = subprocess.run([sys.executable, "-m", "cube_ray.train", "--config", "smoke.yaml", "--epochs-this-run",
+                            "1", "--store", "store"], cwd=cwd, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert (cwd / "results" / "train" / "latest" / "checkpoint.json").exists()
+    assert (cwd / "store" / "embeddings" / "minilm").is_dir()  # a relative --store is the working directory's
+
+
+def test_continue_from_starts_knowing_the_earlier_trials(smoke, cluster, store, tmp_path):
+    later = SearchConfig(space="smoke", name="later", out=str(tmp_path), store=str(store), data=DataConfig(limit=300),
+                         num_samples=1, keep_checkpoints=KEEP, continue_from=str(smoke), seed=1)
+    exp = run_search(later, address=cluster.address)
+    trials = load_study(exp).trials
+    earlier = load_study(smoke).trials
+    copied = [t for t in trials if t.user_attrs.get(CONTINUED_FROM) == smoke.name]
+    assert len(copied) == len(earlier) == 4 and len(trials) == 5  # known, not re-run: one new trial
+    assert [(t.params, t.value, t.state) for t in copied] == [(t.params, t.value, t.state) for t in earlier]
+    new = trials[-1]
+    assert not new.user_attrs.get(BASE_PRESET)  # the earlier search tried the base preset already
+    assert len(trial_dirs(exp)) == 1 and json.loads((exp / "report.json").read_text())["cost"]["trials"] == 1
+    assert "The sampler started knowing 4 finished trials" in (exp / "report.md").read_text()
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"base": "smoke", "params": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}))
+    refused = dataclasses.replace(later, space=str(other), name="refused")
+    with pytest.raises(ValueError, match=r"--continue-from .*smoke: its trials sampled another space than 'other'"):
+        run_search(refused, address=cluster.address)
 
 
 def test_conditional_parameters_are_sampled_only_when_their_condition_holds(smoke):
@@ -119,6 +207,14 @@ def history(trial: Path) -> list[dict]:
     return load_checkpoint(trial / "latest").state["train_state"]["history"]
 
 
+def epochs_done(trial: Path) -> int:
+    """Epochs in the trial's latest/ (0 while there is none, or while it is being replaced)."""
+    try:
+        return len(history(trial))
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
 def tune_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cube_ray.tune", *args]
 
@@ -137,18 +233,18 @@ def test_killed_driver_resumes_keeping_finished_trials(cluster, store, tmp_path,
     reliability(scenario="driver kill", done="SIGKILL to the search driver (3 trials of 12 epochs, one at a time) "
                                            "after one trial finished and the next wrote a checkpoint; then --resume")
     space = tmp_path / "three_epochs.yaml"
-    space.write_text(yaml.safe_dump({"base": "smoke", "params": {
-        "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}, "epochs": {"type": "categorical", "choices": [12]}}}))
+    space.write_text(yaml.safe_dump({"base": "smoke", "scheduler": {"epochs": 12}, "params": {
+        "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}}}))
     exp = tmp_path / "out" / "killed"
     log = tmp_path / "driver.log"
-    # grace period 12 = every trial's length: ASHA never stops one, so each trial either finishes or is interrupted
-    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--grace-period", "12",
+    # grace = every trial's length (12 epochs of 300 pairs): ASHA never stops one, so each trial finishes or is interrupted
+    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--grace-samples", "3600",
                    "--keep-checkpoints", str(KEEP), "--name", "killed", "--out", str(tmp_path / "out"),
                    "--store", str(store), "--limit", "300", "--address", cluster.address)
     with open(log, "w") as f:
         driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         finished = lambda: [t for t in trial_dirs(exp) if (t / FINISHED).exists()]  # noqa: E731
-        started = lambda: [t for t in trial_dirs(exp) if (t / "latest").exists() and not (t / FINISHED).exists()]  # noqa: E731
+        started = lambda: [t for t in trial_dirs(exp) if epochs_done(t) and not (t / FINISHED).exists()]  # noqa: E731
         wait_for(lambda: finished() and started(), 400, driver, log)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -172,6 +268,7 @@ def test_killed_driver_resumes_keeping_finished_trials(cluster, store, tmp_path,
     for trial in trial_dirs(exp):
         check_retention(trial)
     assert len(json.loads((exp / "sessions.json").read_text())) == 1  # the killed session never recorded an end
+    assert [t.state.name for t in load_study(exp).trials] == ["COMPLETE"] * 3  # the same study, continued
     reliability(outcome=f"--resume finished all 3 trials; the interrupted one continued after epoch {same} "
                         f"(rows identical); retention bounded", lost=f"none ({len(done_before)} finished trial(s) "
                         f"kept unchanged, none re-run)")

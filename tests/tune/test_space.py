@@ -5,7 +5,7 @@ import optuna
 import pytest
 
 from cube_ray.config import ConfigError, SearchConfig, from_dict
-from cube_ray.tune.runner import max_epochs, space_for, trial_config
+from cube_ray.tune.runner import scheduler_settings, space_for, trial_config, trial_epochs
 from cube_ray.tune.space import SPACES, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,6 +66,11 @@ def test_sampling_is_seeded_and_lists_round_trip():
     ("params: {}\n", r"non-empty 'params'"),
     ("params: [\n", r"not valid YAML"),
     ("start_at_base: yes please\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"start_at_base must be true or false"),
+    ("params:\n  epochs: {type: int, low: 1, high: 3}\n", r"'epochs' cannot be searched: it is the budget ASHA hands out"),
+    ("sampler: {n_startup: 4}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"sampler: unknown key\(s\) \['n_startup'\]"),
+    ("scheduler: {grace_samples: 0}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"scheduler: need grace_samples >= 1"),
+    ("scheduler: {reduction_factor: three}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
+     r"scheduler.reduction_factor: expected int, got str"),
 ])
 def test_malformed_space_names_file_key_and_problem(tmp_path, text, message, reliability):
     reliability(scenario="bad input: malformed search space", done=f"space file {text.strip()!r}")
@@ -86,27 +91,34 @@ def test_a_search_that_starts_at_base_tries_the_default_preset_first():
     space = load_space("stage247")
     assert space.start_at_base
     point, outside = space.base_point()
-    assert outside == ["cube/max_steps"]  # the default's 8 steps are not among stage247's choices: sampled
+    assert outside == []  # every value of the default preset is a point of stage247
     assert "cube/attention_heads" not in point and "weighting/temperature" not in point  # their conditions are off
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(point)  # what OptunaSearch(points_to_evaluate=...) does
     trial = study.ask()
     space.define_by_run(trial)
-    cfg = space.train_config(trial.params)
-    assert cfg.cube.max_steps in (10, 15, 20, 25, 30)
-    assert cfg == dataclasses.replace(space.base, cube=dataclasses.replace(space.base.cube, max_steps=cfg.cube.max_steps))
+    assert space.train_config(trial.params) == space.base
     assert load_space("stage24").base_point() == (  # the default's lr, batch size and loss mix are outside stage24's
-        {"epochs": 10, "weighting/mode": "uniform", "optimizer": "adamw"},
+        {"weighting/mode": "uniform", "optimizer": "adamw"},
         ["lr", "batch_size", "loss/curriculum", "loss/cosine", "loss/triplet", "loss/infonce"])
 
 
-def test_max_epochs_caps_every_trial_and_asha():
+def test_epochs_are_the_schedulers_budget_and_max_epochs_caps_it():
     capped, free = SearchConfig(max_epochs=3), SearchConfig()
-    space = space_for(capped)
-    assert (max_epochs(space, capped.max_epochs), max_epochs(space, free.max_epochs)) == (3, 25)  # stage247: 10-25
-    for params in sample(space, 5, seed=2):
-        assert params["epochs"] >= 10
-        assert trial_config(params, capped, space).epochs == 3
-        assert trial_config(params, free, space).epochs == params["epochs"]
+    space = load_space("stage247")
+    assert (trial_epochs(capped, space), trial_epochs(free, space)) == (3, 6)  # stage247: scheduler.epochs 6
+    assert trial_epochs(free, load_space("stage24")) == 25
+    for params in sample(space_for(capped), 5, seed=2):
+        assert "epochs" not in params
+        assert trial_config(params, space_for(capped)).epochs == 3
+        assert trial_config(params, space_for(free)).epochs == 6
     with pytest.raises(ConfigError, match=r"max_epochs must be at least 1, got 0"):
         from_dict(SearchConfig, {"max_epochs": 0})
+
+
+def test_sampler_and_scheduler_come_from_the_space_file_and_the_command_wins():
+    space = load_space("stage247")
+    assert (space.sampler.n_startup_trials, space.sampler.constant_liar) == (4, True)
+    assert scheduler_settings(SearchConfig(), space) == (1024, 3)
+    assert scheduler_settings(SearchConfig(grace_samples=300, reduction_factor=2), space) == (300, 2)
+    assert load_space("smoke").scheduler.grace_samples == 256
