@@ -23,7 +23,7 @@ from pathlib import Path
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
 from cube_ray.fsutil import atomic_write_text
-from cube_ray.tune.study import BASE_PRESET, CONTINUED_FROM, TRIAL_ID, load_study
+from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, SEARCH, TRIAL_ID, load_study
 
 log = logging.getLogger("cube_ray.report")
 TOP = 10  # leaderboard rows
@@ -84,8 +84,6 @@ def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
     """This experiment's trials, from its Optuna study (trials copied by --continue-from are not its own)."""
     from optuna.trial import TrialState
 
-    from cube_ray.tune.runner import ASHA_STOPPED
-
     study = load_study(exp)
     if study is None:
         raise FileNotFoundError(f"{exp}: no Optuna study (study.journal); is this a search experiment folder?")
@@ -144,8 +142,6 @@ def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
 
 
 def _status(folder: Path, pruned: bool, asha_stopped: bool, budget: bool) -> str:
-    from cube_ray.tune.runner import FINISHED
-
     if (folder / FINISHED).exists():
         return "early stop" if json.loads((folder / FINISHED).read_text())["stopped"] else "complete"
     if asha_stopped:
@@ -248,13 +244,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _score(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else "–"  # a trial stopped inside its first epoch has no whole-split score
+
+
 def _leaderboard(scored: list[Trial], keys: list[str], teachers: list[str]) -> list[str]:
     lines = ["| # | trial | eval (whole split) | last round (slice) | " + " | ".join(f"{t} MRR" for t in teachers)
              + " | samples | best epoch / run / budget | status | E[steps] | minutes | "
              + " | ".join(f"`{k}`" for k in keys) + " |", "|" + "---|" * (10 + len(teachers) + len(keys))]
     for rank, t in enumerate(scored[:TOP], start=1):
         b = t.best
-        lines.append(f"| {rank} | {t.id}{' (base preset)' if t.base_preset else ''} | {t.score:.4f} | {t.round_score:.4f} | "
+        lines.append(f"| {rank} | {t.id}{' (base preset)' if t.base_preset else ''} | {_score(t.score)} | {_score(t.round_score)} | "
                      + " | ".join(f"{b.get(f'{x}/mrr', math.nan):.4f}" for x in teachers)
                      + f" | {t.samples} | {b.get('epoch', '–')} / {len(t.history)} / {t.config.epochs} | {t.status} "
                      f"| {b.get('expected_steps', math.nan):.2f} | {t.seconds / 60:.1f} | "
@@ -285,7 +285,7 @@ def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, c
 def build_report(exp: str | Path) -> Path:
     """Write report.md and its companions into the experiment folder; returns the report's path."""
     exp = Path(exp).resolve()
-    search = load_yaml(SearchConfig, exp / "search.yaml")
+    search = load_yaml(SearchConfig, exp / SEARCH)
     trials = load_trials(exp, budget=bool(search.time_budget_s))
     scored = sorted([t for t in trials if t.rounds], key=lambda t: t.rank_key)
     if not scored:

@@ -11,7 +11,10 @@
      optimiser, schedule, TrainState with the RNG states;
   4. per epoch: steps of the fixed global batch, each worker taking its share in micro-batches sized by the
      BatchSizer (gradients accumulated, DDP syncing on the last one; an out-of-memory error halves the micro-batch
-     and retries the step); then validation, callbacks, and a checkpoint reported to Ray with the metrics.
+     and retries the step). Every `report_every_samples` samples a round: the selection metric on a fixed slice of
+     the picking split (`round_eval`), latest/ saved (the state holds the step inside the epoch), a report to Ray
+     (Tune's ASHA decides on it). At the epoch's end: validation on the whole split, callbacks, and a checkpoint
+     reported to Ray with the metrics.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +51,7 @@ from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+SNAPSHOT_PREFIX = ".tmp-snapshot-"  # a save in progress inside the run folder (a killed save leaves one: fit removes it)
 
 
 @dataclasses.dataclass
@@ -318,7 +323,7 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
     state.batch_decisions = list(w.sizer.decisions)
     state.capture_rng()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=run.out, prefix=SNAPSHOT_PREFIX) as tmp:  # beside latest/: hard links
         checkpoint = None
         if run.rank == 0:
             training = {"optimizer": w.optimizer.state_dict(), "train_state": dataclasses.asdict(state),
@@ -485,6 +490,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
     out = Path(out).resolve()
     recover_swap(out / "latest")
+    for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if (out / "latest").exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
                               f"or choose another --out")

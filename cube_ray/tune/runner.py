@@ -23,18 +23,16 @@ import time
 from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
+from cube_ray.experiment import ASHA_STOPPED, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text
 from cube_ray.train.timing import now, stamp
 from cube_ray.tune.space import SearchSpace, flatten, load_space
-from cube_ray.tune.study import ROUND_METRIC, STEP, copy_finished_trials, make_searcher
+from cube_ray.tune.study import copy_finished_trials, make_searcher
 
 log = logging.getLogger("cube_ray.tune")
 
 SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
 TRIAL_DRIVER_MEMORY = 256 * 2**20
-TRIAL = "trial.json"  # the trial's sampled parameters
-FINISHED = "finished.json"  # written by a trial whose training ran to its end (all epochs, or its own early stop)
-ASHA_STOPPED = "asha_stopped.json"  # the trials ASHA stopped, so the report tells them from time-budget stops
 
 
 def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
@@ -208,7 +206,7 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     start = time.time()
     search = search.with_absolute_paths()  # before Ray starts: trials run in working directories of their own
     exp = experiment_dir(search)
-    saved = exp / "search.yaml"
+    saved = exp / SEARCH
     if resume:
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} does not exist; nothing to resume")
@@ -219,7 +217,7 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     search = dataclasses.replace(search, store=search.store or default_store()).with_absolute_paths()
     exp = experiment_dir(search)
     search.validate()
-    if search.continue_from and not (Path(search.continue_from) / "search.yaml").exists():
+    if search.continue_from and not (Path(search.continue_from) / SEARCH).exists():
         raise FileNotFoundError(f"--continue-from {search.continue_from}: not an experiment folder (no search.yaml)")
     registry = load_registry(search.teacher_config)
     space = space_for(search)  # a malformed space fails here, before Ray starts

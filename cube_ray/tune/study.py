@@ -1,6 +1,4 @@
-"""The search's Optuna study: durable storage in the experiment folder, and the searcher that feeds it.
-
-    <experiment>/study.journal     Optuna JournalStorage, one study named after the experiment
+"""The search's Optuna study (`<experiment>/study.journal`, see cube_ray/experiment.py) and the searcher that feeds it.
 
 `optuna-dashboard <experiment>/study.journal` shows the search live; `--resume` reopens the same study, and
 `--continue-from EARLIER_EXPERIMENT` copies the earlier study's finished trials (values, intermediate values and
@@ -20,31 +18,11 @@ import logging
 import math
 from pathlib import Path
 
+from cube_ray.experiment import (BASE_PRESET, CONTINUED_FROM, FINAL_METRIC, ROUND_METRIC, STEP, STUDY, TRIAL_ID,
+                                 load_study, study_storage)
 from cube_ray.tune.space import SearchSpace
 
 log = logging.getLogger("cube_ray.tune")
-
-STUDY = "study.journal"
-ROUND_METRIC, FINAL_METRIC, STEP = "round_eval", "best_eval", "samples_seen"
-TRIAL_ID = "tune_trial_id"  # user attribute: the Tune trial (its folder is trial_<id>)
-CONTINUED_FROM = "continued_from"  # user attribute of a trial copied from an earlier experiment
-BASE_PRESET = "base_preset"  # user attribute of the enqueued base-preset trial
-
-
-def storage(exp: Path):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(exp / STUDY)))
-
-
-def load_study(exp: Path):
-    """The experiment's study, read-only use (the report); None for an experiment that has no study file."""
-    import optuna
-
-    if not (exp / STUDY).exists():
-        return None
-    return optuna.load_study(study_name=exp.name, storage=storage(exp))
 
 
 def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: list[dict] | None):
@@ -88,7 +66,7 @@ def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: 
     sampler = TPESampler(seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, group=s.group,
                          constant_liar=s.constant_liar, n_ei_candidates=s.n_ei_candidates)
     return StudySearch(space=space.define_by_run, metric=ROUND_METRIC, mode="max", seed=seed, sampler=sampler,
-                       study_name=exp.name, storage=storage(exp), points_to_evaluate=points_to_evaluate)
+                       study_name=exp.name, storage=study_storage(exp), points_to_evaluate=points_to_evaluate)
 
 
 def copy_finished_trials(earlier: Path, exp: Path, space: SearchSpace) -> int:
@@ -107,7 +85,7 @@ def copy_finished_trials(earlier: Path, exp: Path, space: SearchSpace) -> int:
         if any(name not in wanted or wanted[name] != d for name, d in t.distributions.items()):
             raise ValueError(f"--continue-from {earlier}: its trials sampled another space than {space.name!r} "
                              f"(trial {t.number}: {sorted(t.distributions)}); continue only from the same space")
-    study = optuna.create_study(study_name=exp.name, storage=storage(exp), direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=exp.name, storage=study_storage(exp), direction="maximize", load_if_exists=True)
     study.add_trials([optuna.trial.create_trial(
         state=t.state, value=t.value, params=t.params, distributions=t.distributions,
         intermediate_values=t.intermediate_values, user_attrs={**t.user_attrs, CONTINUED_FROM: earlier.name})

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cube_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cube_ray.config import DataConfig, TrainConfig
@@ -88,6 +89,43 @@ def test_killed_training_worker_restarts_from_its_last_checkpoint(store, tmp_pat
     assert killed["pids"][0] not in train_worker_pids()
     reliability(outcome="Ray Train restarted the worker group; it resumed after epoch 1 from Ray's checkpoint and "
                         "finished 4 of 4 epochs", lost="none (epoch 1 kept, only the interrupted epoch 2 redone)")
+
+
+def test_a_worker_killed_inside_an_epoch_resumes_from_its_last_round_bit_for_bit(store, tmp_path, reliability):
+    reliability(scenario="worker kill inside an epoch", done="SIGKILL to the Ray Train worker after its second round "
+                                                            "of epoch 1 (rounds of 64 samples, 304 samples an epoch)")
+    config = cfg(epochs=2, report_every_samples=64)
+    whole = fit(config, store, tmp_path / "whole")
+    out = tmp_path / "run"
+    killed: dict = {}
+
+    def step_in_epoch_1() -> int:
+        try:
+            state = load_checkpoint(out / "latest").state["train_state"]
+        except (FileNotFoundError, OSError, ValueError, CheckpointError):  # not there yet, or being replaced
+            return 0
+        return state["step_in_epoch"] if state["epoch"] == 0 else 0
+
+    def kill_after_a_round():
+        wait_for(lambda: step_in_epoch_1() >= 8)
+        killed["pids"] = train_worker_pids()
+        for pid in killed["pids"]:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_a_round)
+    killer.start()
+    result = fit(config, store, out)
+    killer.join()
+    assert len(killed["pids"]) == 1
+    assert result.resumed_from == str(out / "latest")  # a round's checkpoint inside epoch 1: Ray had none yet
+    rounds = load_checkpoint(out / "latest").state["train_state"]["rounds"]
+    assert [r["samples_seen"] for r in rounds if r["epoch_progress"] < 1][:2] == [64, 128]
+    assert [r["eval"] for r in result.history] == [r["eval"] for r in whole.history]
+    final, reference = load_checkpoint(out / "latest").weights, load_checkpoint(whole.out / "latest").weights
+    assert all(torch.equal(final[k], reference[k]) for k in reference)  # as if never interrupted
+    reliability(outcome="Ray Train restarted the worker group; it continued from the round's latest/ inside epoch 1 "
+                        "and ended with the uninterrupted run's weights, bit for bit",
+                lost="none (only the steps after the last round redone)")
 
 
 def garble(path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cube_ray.checkpoint import load_checkpoint
-from cube_ray.tune.runner import FINISHED, TRIAL
+from cube_ray.experiment import FINISHED, TRIAL
 
 EPOCHS = 14
 

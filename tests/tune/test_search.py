@@ -16,8 +16,8 @@ import yaml
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
-from cube_ray.tune.runner import ASHA_STOPPED, FINISHED, TRIAL, prune_unregistered_checkpoints, run_search
-from cube_ray.tune.study import BASE_PRESET, CONTINUED_FROM, TRIAL_ID, load_study
+from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TRIAL, TRIAL_ID, load_study
+from cube_ray.tune.runner import prune_unregistered_checkpoints, run_search
 
 KEEP = 1
 

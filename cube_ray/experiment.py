@@ -1,0 +1,45 @@
+"""A search experiment's folder: the names that the search (tune/) writes and the report reads, in one home.
+
+    <out>/<name>/search.yaml          the SearchConfig (--resume needs no flags)
+                 study.journal        the Optuna study (JournalStorage; `optuna-dashboard` reads it)
+                 asha_stopped.json    the trials ASHA stopped, so the report tells them from time-budget stops
+                 trial_<id>/trial.json     the trial's sampled values, flat
+                 trial_<id>/finished.json  the trial's training ran to its end (all epochs, or its own early stop)
+                 trial_<id>/latest/, best_eval/, best_loss/, train/ (Ray's checkpoints), timing.json
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SEARCH = "search.yaml"
+STUDY = "study.journal"
+ASHA_STOPPED = "asha_stopped.json"
+TRIAL = "trial.json"
+FINISHED = "finished.json"
+
+# What each report carries for Tune and Optuna (train/loop.py writes them)
+ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric
+FINAL_METRIC = "best_eval"  # the best whole-split score so far: a complete trial's value
+STEP = "samples_seen"  # ASHA's time attribute and Optuna's step
+
+# User attributes of the study's trials
+TRIAL_ID = "tune_trial_id"  # the Tune trial (its folder is trial_<id>)
+CONTINUED_FROM = "continued_from"  # a trial copied from an earlier experiment (--continue-from)
+BASE_PRESET = "base_preset"  # the enqueued base-preset trial
+
+
+def study_storage(exp: Path):
+    """The experiment's durable Optuna storage (a journal file: no database server, works on NFS)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(Path(exp) / STUDY)))
+
+
+def load_study(exp: Path):
+    """The experiment's study (named after the experiment folder); None where there is no study file."""
+    import optuna
+
+    if not (Path(exp) / STUDY).exists():
+        return None
+    return optuna.load_study(study_name=Path(exp).name, storage=study_storage(exp))
