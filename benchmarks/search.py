@@ -5,8 +5,8 @@
 Every run is `python -m cube_ray.tune` on the main job's data (the bundled sample's first 600 pairs per file, a
 val split of one article that picks, both teachers, a warm store) with the same trial budget (`--time-budget-s`):
 
-- tpe:    stage247 as shipped (rounds of 1,024 samples, ASHA rungs in samples, TPE with 4 random starts,
-          constant liar, stopped trials told to Optuna as pruned);
+- tpe:    the main job as shipped (stage247; rounds of 512 samples, ASHA rungs at 512 and 1,536 samples, 4 epochs
+          at most, TPE with 4 random starts, constant liar, stopped trials told to Optuna as pruned, 1-CPU trials);
 - random: the same rounds and rungs, but the sampler never leaves its random start-up (n_startup_trials 10,000);
 - old:    the code before rounds (git e2892fc, checked out with `git worktree add DIR e2892fc`; --old-tree): ASHA at
           epoch rungs (grace 1 epoch, factor 3), TPE with Optuna's 10 random starts, an ASHA stop told as complete,
@@ -54,9 +54,10 @@ def run(setup: str, seed: int, args, folder: Path) -> dict:
         env = dict(os.environ)
         if setup == "old":  # the old package first on the path, for the driver and the Ray workers it starts
             env["PYTHONPATH"] = f"{args.old_tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        # tpe and random: the main job's embedded defaults; old: the same data by its flags (it had no val split)
         cmd = [sys.executable, "-m", "cube_ray.tune", "--space", space_file(setup, folder), "--name", name,
-               "--out", str(args.out), "--time-budget-s", str(args.budget_s), "--seed", str(seed),
-               "--val-fraction", "0.25", "--limit", "600"]
+               "--out", str(args.out), "--time-budget-s", str(args.budget_s), "--seed", str(seed)]
+        cmd += ["--val-fraction", "0.25", "--limit", "600"] if setup == "old" else []
         start = time.time()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=folder)
         if done.returncode != 0:

@@ -98,7 +98,8 @@ def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
         state = load_checkpoint(folder / "latest").state["train_state"] if (folder / "latest").exists() else {}
         config = load_yaml(TrainConfig, folder / "config.yaml")
         trial_id = folder.name.removeprefix("trial_")
-        status = {TrialState.FAIL: "error"}.get(ot.state) or _status(folder, ot.state == TrialState.PRUNED,
+        status = {TrialState.FAIL: "error"}.get(ot.state) or _status(folder, config, state.get("history", []),
+                                                                      ot.state == TrialState.PRUNED,
                                                                       trial_id in asha_stopped, budget)
         trials.append(Trial(trial_id, ot.number, folder, dict(ot.params), config, state.get("history", []),
                             state.get("rounds", []), status, bool(ot.user_attrs.get(BASE_PRESET)),
@@ -141,9 +142,12 @@ def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _status(folder: Path, pruned: bool, asha_stopped: bool, budget: bool) -> str:
+def _status(folder: Path, config: TrainConfig, history: list[dict], pruned: bool, asha_stopped: bool,
+            budget: bool) -> str:
     if (folder / FINISHED).exists():
         return "early stop" if json.loads((folder / FINISHED).read_text())["stopped"] else "complete"
+    if history and history[-1]["epoch"] >= config.epochs:
+        return "complete"  # it trained every epoch; the scheduler or the budget stopped it while it ended
     if asha_stopped:
         return "stopped by ASHA"
     if (folder / "error.txt").exists():

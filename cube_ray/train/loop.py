@@ -365,8 +365,10 @@ def train_epoch(w: Worker) -> None:
         accumulate(sums["parts"], parts, 1 / w.steps_per_epoch)
         if state.samples_seen // cfg.report_every_samples > before // cfg.report_every_samples \
                 and step + 1 < w.steps_per_epoch:  # a round inside the epoch (its end is one anyway)
-            state.partial = {**sums, "seconds": sums["seconds"] + time.perf_counter() - start}
+            paused = time.perf_counter()
+            state.partial = {**sums, "seconds": sums["seconds"] + paused - start}
             save_and_report(w, round_metrics(w, state.partial["seconds"]), epoch_end=False)
+            start += time.perf_counter() - paused  # the epoch's seconds count training, not the rounds' scoring
     sums["seconds"] += time.perf_counter() - start
     metrics = epoch_metrics(w, sums, sums["seconds"])
     for cb in w.callbacks:
