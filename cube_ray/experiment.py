@@ -21,6 +21,7 @@ FINISHED = "finished.json"
 ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric
 FINAL_METRIC = "best_eval"  # the best whole-split score so far: a complete trial's value
 STEP = "samples_seen"  # ASHA's time attribute and Optuna's step
+DONE_TRAINING = "done_training"  # true in the report of a run's last epoch: Optuna is told COMPLETE
 
 # User attributes of the study's trials
 TRIAL_ID = "tune_trial_id"  # the Tune trial (its folder is trial_<id>)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import student_metrics
+from cube_ray.experiment import DONE_TRAINING
 from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
@@ -381,7 +382,7 @@ def train_epoch(w: Worker) -> None:
         log.info("epoch %d/%d  loss %.4f  eval %.4f  steps %.2f  %.0f samples/s  micro-batch %d x %d%s", state.epoch,
                  cfg.epochs, metrics["loss"], metrics["eval"], metrics["expected_steps"], metrics["samples_per_s"],
                  w.sizer.micro, w.sizer.accumulation, f"  ({run.stop})" if run.stop else "")
-    metrics["done_training"] = state.epoch >= w.last_epoch or bool(run.stop)  # Tune tells Optuna: complete
+    metrics[DONE_TRAINING] = state.epoch >= w.last_epoch or bool(run.stop)  # Tune tells Optuna: complete
     save_and_report(w, metrics, epoch_end=True)
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
-from cube_ray.experiment import ASHA_STOPPED, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
+from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text
 from cube_ray.train.timing import now, stamp
 from cube_ray.tune.space import SearchSpace, flatten, load_space
@@ -44,7 +44,7 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
     class RecordingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and not result.get("done_training"):
+            if action == TrialScheduler.STOP and not result.get(DONE_TRAINING):
                 path = exp / ASHA_STOPPED
                 stopped = json.loads(path.read_text()) if path.exists() else []
                 atomic_write_text(path, json.dumps(sorted(set(stopped) | {trial.trial_id})))

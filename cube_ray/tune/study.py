@@ -18,8 +18,8 @@ import logging
 import math
 from pathlib import Path
 
-from cube_ray.experiment import (BASE_PRESET, CONTINUED_FROM, FINAL_METRIC, ROUND_METRIC, STEP, STUDY, TRIAL_ID,
-                                 load_study, study_storage)
+from cube_ray.experiment import (BASE_PRESET, CONTINUED_FROM, DONE_TRAINING, FINAL_METRIC, ROUND_METRIC, STEP,
+                                 STUDY, TRIAL_ID, load_study, study_storage)
 from cube_ray.tune.space import SearchSpace
 
 log = logging.getLogger("cube_ray.tune")
@@ -52,7 +52,7 @@ def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: 
             final = (result or {}).get(FINAL_METRIC, -math.inf)
             if error:
                 state, value = TrialState.FAIL, None
-            elif (result or {}).get("done_training") and math.isfinite(final):
+            elif (result or {}).get(DONE_TRAINING) and math.isfinite(final):
                 state, value = TrialState.COMPLETE, final
             else:
                 state, value = TrialState.PRUNED, None  # Optuna keeps its last intermediate value
