@@ -351,8 +351,9 @@ def build_report(exp: str | Path) -> Path:
     lines += ["", "## Plots", ""] + [f"![{m}]({m})" for m in made]
     if imp:
         lines += ["", "Parameter importance: " + ", ".join(f"`{k}` {v:.2f}" for k, v in list(imp.items())[:8])
-                  + (f" (from {imp_trials} complete trials, fewer than {FEW_TRIALS}: these shares are noise, not evidence "
-                     "of what matters)" if imp_trials < FEW_TRIALS else f" (from {imp_trials} complete trials)")]
+                  + f" (fANOVA over the {imp_trials} trials the study holds as complete"
+                  + (f", fewer than {FEW_TRIALS}: these shares are noise, not evidence of what matters)"
+                     if imp_trials < FEW_TRIALS else ")")]
     report = exp / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_text(exp / "report.json", json.dumps({
