@@ -48,9 +48,9 @@ def space_file(setup: str, folder: Path) -> str:
 
 
 def run(setup: str, seed: int, args, folder: Path) -> dict:
-    name = f"{setup}-seed{seed}"
+    name = f"{setup}-seed{seed}-{args.budget_s:g}s"
     exp = Path(args.out) / name
-    if not (exp / "report.json").exists():
+    if not (exp / "report.json").exists():  # a run of the same setup, seed and budget is reused
         env = dict(os.environ)
         if setup == "old":  # the old package first on the path, for the driver and the Ray workers it starts
             env["PYTHONPATH"] = f"{args.old_tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
