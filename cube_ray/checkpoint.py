@@ -28,7 +28,10 @@ from cube_ray.data.manifest import sha256_file
 from cube_ray.fsutil import recover_swap, swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 predated the residual student (`cube.residual`, default true): its configs say nothing of it and its
+# students were the cube alone, so it reads as residual: false.
+READS_FORMATS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -79,8 +82,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: corrupt ({e})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{index}: format {manifest.get('format')!r}, this cube_ray reads format {FORMAT_VERSION}")
+    if manifest.get("format") not in READS_FORMATS:
+        raise CheckpointError(f"{index}: format {manifest.get('format')!r}, this cube_ray reads formats {READS_FORMATS}")
     for name, digest in files.items():
         f = path / name
         if not f.exists():
@@ -91,5 +94,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
     state = None
     if with_state and "state.pt" in files:
         state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=False)
-    return Checkpoint(path, load_file(str(path / "model.safetensors")), yaml.safe_load((path / "config.yaml").read_text()),
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    if manifest["format"] == 1 and isinstance(config, dict) and isinstance(config.get("cube"), dict):
+        config["cube"].setdefault("residual", False)
+    return Checkpoint(path, load_file(str(path / "model.safetensors")), config,
                       teachers, json.loads((path / "data.json").read_text()), state)

@@ -199,6 +199,9 @@ class TrainConfig:
             raise ValueError("teachers must name at least one teacher")
         if self.mode == "distill" and len(self.teachers) < 2:
             raise ValueError("mode 'distill' maps between teachers, so it needs at least two")
+        if self.mode == "distill" and self.cube.residual and not self.grad_clip:
+            raise ValueError("mode 'distill' with cube.residual needs grad_clip > 0: predictions into another teacher's "
+                             "space start at zero, where the cosine loss's gradient is ~1e7")
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "report_every_samples", "round_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -2,11 +2,14 @@
 import json
 
 import pytest
+import torch
 
 from cube_ray import evaluate, infer
 from cube_ray.checkpoint import CheckpointError
 from cube_ray.config import DataConfig, TrainConfig
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
+from cube_ray.model import Student
+from cube_ray.train.data import Pairs
 from cube_ray.train.loop import fit
 from tests.conftest import write_jsonl
 
@@ -21,11 +24,32 @@ def checkpoint(tmp_path_factory, ray_local):
     return root / "run" / "best_eval"
 
 
-def test_evaluate_json_has_model_and_three_baselines(checkpoint, capsys):
+@pytest.mark.parametrize("center", [False, True])
+def test_an_untrained_residual_student_scores_exactly_the_identity_row(center):
+    """In every teacher space, raw or centred: the residual student starts where doing nothing is."""
+    g = torch.Generator().manual_seed(0)
+    widths = {"minilm": 384, "smollm2": 576}
+
+    def pairs(n: int) -> Pairs:
+        q = {t: torch.randn(n, w, generator=g) + 3.0 for t, w in widths.items()}  # an offset, as in raw spaces
+        a = {t: x + torch.randn(x.shape, generator=g) for t, x in q.items()}
+        if center:
+            a, q = {t: x - 3.0 for t, x in a.items()}, {t: x - 3.0 for t, x in q.items()}
+        return Pairs([str(i) for i in range(n)], [f"q{i}" for i in range(n)], [f"a{i}" for i in range(n)], q, a,
+                     [f"d{i // 4}" for i in range(n)])
+
+    student = Student(CubeConfig(dims=[4, 4, 4], max_steps=3), AdapterConfig(), widths)
+    table = evaluate.comparison(student, pairs(200), pairs(80))
+    for rows in table.values():
+        assert {k: rows["model"][k] for k in ("cos", "r1", "r5", "mrr")} == rows["identity"]
+        assert rows["identity"]["mrr"] > 0.2 > rows["mean_answer"]["mrr"]  # a task where doing nothing retrieves
+
+
+def test_evaluate_json_has_model_and_the_baselines(checkpoint, capsys):
     assert evaluate.main([str(checkpoint), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     rows = table["minilm"]
-    assert set(rows) == {"model", "identity", "mean_answer", "ridge"}
+    assert set(rows) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
     for name, m in rows.items():
         assert {"cos", "r1", "r5", "mrr"} <= set(m), name
         assert 0 <= m["r1"] <= m["r5"] <= 1 and 0 < m["mrr"] <= 1
@@ -37,7 +61,7 @@ def test_evaluate_table_and_deterministic(checkpoint, capsys):
     first = capsys.readouterr().out
     evaluate.main([str(checkpoint)])
     assert capsys.readouterr().out == first
-    assert "ridge regression on MRR" in first and "mean_answer" in first
+    assert "the best baseline, " in first and "linear_adapter" in first and "mean_answer" in first
 
 
 def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):

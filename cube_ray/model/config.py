@@ -23,6 +23,11 @@ class CubeConfig:
     attention_grid: int = 2  # the tokens are the means of an attention_grid^3 split of the lattice
     skip_input: bool = False  # every step's update also sees the input field
     skip_linear: bool = False  # a zero-initialised linear map from the input embedding to the prediction
+    # Predict x + cube(x) in the input teacher's own space, the decoders' last layers starting at zero: an untrained
+    # student is the identity baseline, so training improves on doing nothing instead of first learning to copy its
+    # input. false: the pure cube of the research plan. Outputs in another teacher's space (distill) are the cube's
+    # alone (and so start at zero).
+    residual: bool = True
     update_prob: float = 0.5  # training: each cell updates with this probability (scaled by 1/p)
     state_bound: float = 5.0  # states are clamped to [-state_bound, state_bound] after every step
     halt_bias_init: float = -3.0  # sigmoid(-3) = 0.05: halting starts unlikely, so training sees many steps

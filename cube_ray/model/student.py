@@ -1,6 +1,8 @@
 """The multi-teacher student: one shared cube (with its halting head), one adapter pair per teacher.
 
-`student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space. The training
+`student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space: with
+`cube.residual` (the default) x + (the cube's read-out), the decoders' last layers starting at zero, so an
+untrained student predicts its input (the identity baseline) and training learns the change. The training
 loop weights the per-teacher losses by `student.weights()`: fixed, uniform, or adaptive, where
 `update_weights(val_errors)` (called once per epoch) sets w_t = softmax(-error_t / temperature), so the teachers
 the student currently matches best weigh most. The weights are a buffer, so they are saved in checkpoints.
@@ -38,6 +40,10 @@ class Student(nn.Module):
         if self.bypass is not None:
             for layer in self.bypass.values():
                 nn.init.zeros_(layer.weight)
+        if cube.residual:  # x + decode(field): the decoders' last layers start at zero, so the student starts at x
+            for a in self.adapters.values():
+                nn.init.zeros_(a.last_layer().weight)
+                nn.init.zeros_(a.last_layer().bias)
         initial = [weighting.weights[t] if weighting.mode == "fixed" else 1.0 for t in self.teachers]
         self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
 
@@ -63,8 +69,11 @@ class Student(nn.Module):
 
     def _predict(self, adapter: Adapter, teacher: str, into: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         pred = adapter.decode(field)
-        # The linear bypass maps a teacher's space onto itself, so it only applies within one teacher.
-        return pred if self.bypass is None or into != teacher else pred + self.bypass[teacher](x)
+        if into != teacher:  # the residual and the linear bypass map a teacher's space onto itself
+            return pred
+        if self.cfg.residual:
+            pred = x + pred
+        return pred if self.bypass is None else pred + self.bypass[teacher](x)
 
     def weights(self) -> dict[str, float]:
         return dict(zip(self.teachers, self.teacher_weights.tolist()))

@@ -95,7 +95,7 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     capsys.readouterr()
     assert evaluate([str(best), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge"}
+    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
     assert table["minilm"]["model"]["mrr"] == pytest.approx(figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
 
 
