@@ -29,9 +29,7 @@ from cube_ray.fsutil import recover_swap, swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 2
-# Format 1 predated the residual student (`cube.residual`, default true): its configs say nothing of it and its
-# students were the cube alone, so it reads as residual: false.
-READS_FORMATS = (1, 2)
+READS_FORMATS = (1, 2)  # format 1 predates the residual student: train/snapshot.py reads it as it was meant
 
 
 class CheckpointError(ValueError):
@@ -46,6 +44,7 @@ class Checkpoint:
     teachers: dict[str, TeacherSpec]
     data: dict[str, Any]
     state: dict[str, Any] | None
+    format: int = FORMAT_VERSION
 
 
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: dict, teachers: dict[str, TeacherSpec],
@@ -94,8 +93,5 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
     state = None
     if with_state and "state.pt" in files:
         state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=False)
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    if manifest["format"] == 1 and isinstance(config, dict) and isinstance(config.get("cube"), dict):
-        config["cube"].setdefault("residual", False)
-    return Checkpoint(path, load_file(str(path / "model.safetensors")), config,
-                      teachers, json.loads((path / "data.json").read_text()), state)
+    return Checkpoint(path, load_file(str(path / "model.safetensors")), yaml.safe_load((path / "config.yaml").read_text()),
+                      teachers, json.loads((path / "data.json").read_text()), state, manifest["format"])

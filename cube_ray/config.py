@@ -209,6 +209,9 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.loss.curriculum and self.loss.curriculum_warmup >= self.epochs:
+            raise ValueError(f"loss.curriculum_warmup ({self.loss.curriculum_warmup}) must be below epochs "
+                             f"({self.epochs}): the curriculum's step cap reaches cube.max_steps only after its warm-up")
 
 
 @dataclasses.dataclass

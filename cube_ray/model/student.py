@@ -46,6 +46,9 @@ class Student(nn.Module):
                 nn.init.zeros_(a.last_layer().bias)
         initial = [weighting.weights[t] if weighting.mode == "fixed" else 1.0 for t in self.teachers]
         self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
+        # The most steps the cube runs, in training and at inference alike: a curriculum lowers it while it warms
+        # up, and a checkpoint keeps it, so a student is always evaluated with the steps it was trained with.
+        self.register_buffer("step_cap", torch.tensor(cube.max_steps))
 
     def forward(self, x: torch.Tensor, teacher: str, *, timeout: float | None = None, keep_steps: bool = False,
                 all_steps: bool | None = None, max_steps: int | None = None, into: str | None = None) -> Pondered:
@@ -54,9 +57,12 @@ class Student(nn.Module):
 
         Training (or all_steps=True): the halting-weighted expectation over all steps. Otherwise each sample
         halts by the gate, at max_steps, or when `timeout` seconds have passed (then timed_out is True).
-        keep_steps: also return each step's prediction; max_steps: a lower step cap for this call.
+        keep_steps: also return each step's prediction; max_steps: a lower step cap for this call (the buffer
+        `step_cap`, set by a curriculum, caps it too).
         """
         into = into or teacher
+        cap = int(self.step_cap)
+        max_steps = cap if max_steps is None else min(max_steps, cap)
         for name in (teacher, into):
             if name not in self.adapters:
                 raise KeyError(f"unknown teacher {name!r}; this student knows {self.teachers}")

@@ -65,7 +65,6 @@ class Run:
     out: Path
     rank: int
     eval_pairs: Pairs
-    step_cap: int | None = None
     stop: str = ""
     oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 
@@ -106,7 +105,7 @@ def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: flo
     for t in run.cfg.teachers:
         pairs = task_pairs(run.cfg, batch, t)
         for x, y, into in pairs:
-            out = model(x, into[0], max_steps=run.step_cap, into=into[1])
+            out = model(x, into[0], into=into[1])
             loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
             total = total + teacher_w[t] * loss / len(pairs)
             p["steps"] = out.expected_steps.mean().item()
@@ -299,6 +298,7 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
                "samples_per_s": sums["samples"] * w.world / max(sums["seconds"], 1e-9), "micro_batch": w.sizer.micro,
                "accumulation": w.sizer.accumulation, "lr": w.optimizer.param_groups[0]["lr"],
                "expected_steps": float(np.mean([sums["parts"][f"{t}/steps"] for t in cfg.teachers])),
+               "step_cap": int(student.step_cap),  # the steps it trained and is scored with (a curriculum's cap)
                "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
                "peak_rss_mb": max(_peak_rss_mb(w.world)), "time_s": state.seconds + elapsed}
     metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})

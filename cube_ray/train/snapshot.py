@@ -45,6 +45,8 @@ class Snapshot:
 
 def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     ck = load_checkpoint(path, with_state=with_state)
+    if ck.format == 1 and isinstance(ck.config, dict) and isinstance(ck.config.get("cube"), dict):
+        ck.config["cube"].setdefault("residual", False)  # format 1's students were the cube alone
     try:
         cfg = from_dict(TrainConfig, ck.config, where=f"{ck.dir / 'config.yaml'}")
     except ConfigError as e:
@@ -52,6 +54,8 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     widths = {t: int(ck.data["widths"][t]) for t in cfg.teachers}
     student = build_student(cfg, widths)
     state = {k[len("student."):]: v for k, v in ck.weights.items() if k.startswith("student.")}
+    if ck.format == 1:
+        state.setdefault("step_cap", student.step_cap)  # format 1 evaluated every step, whatever it trained with
     try:
         student.load_state_dict(state)
     except RuntimeError as e:

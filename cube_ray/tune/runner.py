@@ -76,7 +76,28 @@ def space_for(search: SearchConfig) -> SearchSpace:
     if search.teachers:
         base.teachers = list(search.teachers)
     base.validate()
+    check_warmup_fits(search, space, base.epochs)
     return dataclasses.replace(space, base=base)
+
+
+def check_warmup_fits(search: SearchConfig, space: SearchSpace, epochs: int) -> None:
+    """Refuse a space whose curriculum can warm up for as long as a trial trains: its step cap would never reach
+    max_steps, and the steps a model is scored with would be fewer than the space says."""
+    params = {p.name: p for p in space.params}
+
+    def values(name: str, default) -> list:
+        p = params.get(name)
+        if p is None:
+            return [default]
+        return [False, True] if p.type == "bool" else list(p.choices) or [p.low, p.high]
+
+    if True not in values("loss/curriculum", space.base.loss.curriculum):
+        return
+    longest = max(values("loss/curriculum_warmup", space.base.loss.curriculum_warmup))
+    if longest >= epochs:
+        raise ConfigError(f"search space {search.space!r}: loss/curriculum_warmup can be {longest:g} epochs but a trial "
+                          f"trains at most {epochs}: the curriculum's step cap would not reach cube/max_steps. Keep "
+                          f"the warm-up below {epochs} epochs, or give trials more (scheduler.epochs, --max-epochs)")
 
 
 def trial_epochs(search: SearchConfig, space: SearchSpace) -> int:

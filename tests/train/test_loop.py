@@ -81,6 +81,19 @@ def test_resume_equals_an_uninterrupted_run(store, tmp_path, workers):
         assert a["eval"] == pytest.approx(b["eval"], abs=1e-5) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_a_curriculum_scores_every_epoch_with_the_steps_it_trained_with(store, tmp_path):
+    """Warm-up 2 from competence 0: caps 1, 2, 3 over three epochs; each epoch's score and its checkpoint run its cap."""
+    loss = LossConfig(cosine=1.0, think=0.01, curriculum=True, curriculum_warmup=2, curriculum_start=0.0)
+    result = fit(small(epochs=3, loss=loss, patience=0), store, tmp_path / "run")
+    assert [h["step_cap"] for h in result.history] == [1, 2, 3]
+    assert all(h["minilm/steps"] <= h["step_cap"] for h in result.history)
+    assert result.history[0]["minilm/steps"] == 1.0  # capped at one step, whatever the gate says
+    best = load_for_eval(tmp_path / "run" / "best_eval")
+    picked = max(result.history, key=lambda h: h["eval"])
+    assert int(best.student.step_cap) == picked["step_cap"]  # evaluate runs the picked epoch's steps
+    assert student_metrics(best.student, best.held_out)["minilm"]["steps"] <= picked["step_cap"]
+
+
 def test_fresh_run_refuses_to_overwrite(store, baseline):
     with pytest.raises(FileExistsError, match="pass --resume"):
         fit(small(), store, baseline.out)
