@@ -90,6 +90,17 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"cube": {"dims": v}} -> {"cube/dims": v}: Ray Tune nests names with '/'; this undoes it."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     try:

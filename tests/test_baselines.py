@@ -2,7 +2,6 @@
 import doctest
 
 import numpy as np
-import pytest
 
 from cube_ray import baselines as module
 from cube_ray.baselines import (RIDGE_ALPHAS, Ridge, baselines, fit_linear_adapter, fit_ridge, validation_mask)

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -43,11 +42,12 @@ from cube_ray.metrics import Centering
 from cube_ray.model import Student
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
-from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
+from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
+from cube_ray.train.snapshot import build_student, check_resume_config, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
+from cube_ray.train.step import accumulate, take, train_step
 from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
@@ -83,74 +83,6 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.schedule == "plateau":  # stepped once per epoch on the eval metric
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=2, factor=0.5)
     return None
-
-
-def task_pairs(cfg: TrainConfig, batch: Pairs, t: str) -> list[tuple[torch.Tensor, torch.Tensor, tuple[str, str]]]:
-    """(input, target, (from teacher, into teacher)) of a mode, for the loss weighted as teacher `t`.
-
-    dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
-    distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
-    """
-    q, a = batch.q[t], batch.a[t]
-    if cfg.mode == "distill":
-        return [(q, batch.a[u], (t, u)) for u in cfg.teachers]
-    dialogue, auto = (q, a, (t, t)), (torch.cat([q, a]), torch.cat([q, a]), (t, t))
-    return {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[cfg.mode]
-
-
-def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: float) -> tuple[torch.Tensor, dict]:
-    """The weighted multi-teacher loss of one micro-batch; `weight` = its share of the worker's batch."""
-    total, parts = 0.0, {}
-    teacher_w = run.student.weights()
-    for t in run.cfg.teachers:
-        pairs = task_pairs(run.cfg, batch, t)
-        for x, y, into in pairs:
-            out = model(x, into[0], into=into[1])
-            loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
-            total = total + teacher_w[t] * loss / len(pairs)
-            p["steps"] = out.expected_steps.mean().item()
-            accumulate(parts, {f"{t}/{k}": v for k, v in p.items()}, 1 / len(pairs))
-    return total * weight, parts
-
-
-def accumulate(into: dict[str, float], parts: dict[str, float], weight: float) -> None:
-    """into[k] += weight * parts[k], for logging sums of loss parts over teachers, micro-batches and steps."""
-    for k, v in parts.items():
-        into[k] = into.get(k, 0.0) + weight * v
-
-
-def take(pairs: Pairs, idx: torch.Tensor) -> Pairs:
-    return Pairs([], [], [], {t: x[idx] for t, x in pairs.q.items()}, {t: x[idx] for t, x in pairs.a.items()})
-
-
-def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pairs) -> tuple[float, dict]:
-    """One optimiser step over this worker's share, in micro-batches; an OOM halves the micro-batch and retries."""
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            total, parts, n = 0.0, {}, len(batch)
-            chunks = list(range(0, n, sizer.micro))
-            for k, start in enumerate(chunks):
-                idx = torch.arange(start, min(n, start + sizer.micro))
-                if run.cfg.inject_oom_at_step == run.state.global_step and not run.oom_injected:
-                    run.oom_injected = True
-                    raise torch.OutOfMemoryError(f"injected at step {run.state.global_step}")
-                sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss, p = batch_loss(run, loss_fn, model, take(batch, idx), len(idx) / n)
-                    loss.backward()
-                total += loss.item()
-                accumulate(parts, p, len(idx) / n)
-            break
-        except (RuntimeError, MemoryError) as e:
-            if not is_oom(e):
-                raise
-            sizer.on_oom(e)
-    if run.cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
-    optimizer.step()
-    sizer.after_step()
-    return total, parts
 
 
 def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]:
@@ -247,7 +179,10 @@ def setup_worker(config: dict) -> Worker:
         if schedule is not None:
             schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["train_state"])
-        state.restore_rng()
+        if not state.restore_rng(rank):
+            log.warning("rank %d: the checkpoint holds no RNG state for this rank (it trained with fewer workers): "
+                        "seeded afresh, so this resume is not bit-exact", rank)
+            seed_everything(cfg.seed * 1000 + rank + 1 + state.global_step)
         log.info("rank %d: resumed from %s after epoch %d (step %d)", rank, snap.checkpoint.dir, state.epoch,
                  state.global_step)
     else:
@@ -500,6 +435,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
                               f"or choose another --out")
     if resume and not (out / "latest").exists():
         raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
+    if resume:
+        check_resume_config(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     data = data or prepare_run(cfg, store_root, registry)

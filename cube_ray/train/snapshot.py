@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from cube_ray.config import ConfigError, TrainConfig, from_dict, to_dict
+from cube_ray.config import ConfigError, TrainConfig, flatten, from_dict, load_yaml, to_dict
 from cube_ray.data.split import selection_split
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
@@ -63,6 +63,19 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     centres = {k[len("centre."):]: Centering(v.double().numpy()) for k, v in ck.weights.items() if k.startswith("centre.")}
     student.eval()
     return Snapshot(ck, cfg, student, centres)
+
+
+def check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume the run in `out` with another config than the one it trained with (its config.yaml),
+    naming every setting that differs: a resumed run continues the same training, or it is not exact."""
+    saved_at = out / "config.yaml"
+    if not saved_at.exists():
+        return
+    saved, now = flatten(to_dict(load_yaml(TrainConfig, saved_at))), flatten(to_dict(cfg))
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"--resume: {out} trained with another config ({saved_at}); differing: {'; '.join(differ)}. "
+                         "Resume with the same config (only --epochs-this-run may change), or train into a new --out")
 
 
 def check_widths(ck: Checkpoint, widths: dict[str, int], source: str) -> None:

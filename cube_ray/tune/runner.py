@@ -22,11 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
-from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
+from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
 from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text
 from cube_ray.train.timing import now, stamp
-from cube_ray.tune.space import SearchSpace, flatten, load_space
+from cube_ray.tune.space import SearchSpace, load_space
 from cube_ray.tune.study import copy_finished_trials, make_searcher
 
 log = logging.getLogger("cube_ray.tune")

@@ -70,7 +70,8 @@ def test_a_val_split_picks_the_model_and_eval_stays_unseen(store, tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_equals_an_uninterrupted_run(store, tmp_path, workers):
-    cfg = small(epochs=4, schedule="cosine", workers=workers)
+    # the default update_prob (0.5): every rank draws its own cell updates, so every rank's RNG must resume
+    cfg = small(epochs=4, schedule="cosine", workers=workers, cube=dataclasses.replace(small().cube, update_prob=0.5))
     whole = fit(cfg, store, tmp_path / "whole")
     first = fit(cfg, store, tmp_path / "split", stop_after=2)
     assert len(first.history) == 2
@@ -94,24 +95,41 @@ def test_a_curriculum_scores_every_epoch_with_the_steps_it_trained_with(store, t
     assert student_metrics(best.student, best.held_out)["minilm"]["steps"] <= picked["step_cap"]
 
 
+def test_a_resume_with_another_config_is_refused_naming_what_differs(store, baseline):
+    before = (baseline.out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"trained with another config .*differing: lr: 0.003 -> 0.01; seed: 7 -> 8\."):
+        fit(small(lr=1e-2, seed=8), store, baseline.out, resume=True)
+    assert (baseline.out / "config.yaml").read_text() == before  # refused before anything is written
+
+
 def test_fresh_run_refuses_to_overwrite(store, baseline):
     with pytest.raises(FileExistsError, match="pass --resume"):
         fit(small(), store, baseline.out)
 
 
-def test_memory_budget_forces_a_shrink_with_the_same_effective_batch(store, baseline, tmp_path):
-    result = fit(small(memory_budget_mb=1), store, tmp_path / "tight")
+CONTRASTIVE = LossConfig(cosine=1.0, infonce=0.5, triplet=0.2, think=0.01)  # whole-batch terms: the split must not show
+
+
+@pytest.fixture(scope="module")
+def contrastive(store, tmp_path_factory):
+    return fit(small(loss=CONTRASTIVE), store, tmp_path_factory.mktemp("contrastive"))
+
+
+def test_memory_budget_forces_a_shrink_with_the_same_effective_batch(store, contrastive, tmp_path):
+    result = fit(small(loss=CONTRASTIVE, memory_budget_mb=1), store, tmp_path / "tight")
     assert any("probe" in d and "-> 1:" in d for d in result.batch_decisions)
     assert result.history[-1]["micro_batch"] == 1 and result.history[-1]["accumulation"] == 32
-    assert close(weights(baseline.out / "latest"), weights(tmp_path / "tight" / "latest"), 1e-4)
-    assert result.history[-1]["eval"] == pytest.approx(baseline.history[-1]["eval"], abs=1e-3)
+    assert close(weights(contrastive.out / "latest"), weights(tmp_path / "tight" / "latest"), 1e-4)
+    assert result.history[-1]["eval"] == pytest.approx(contrastive.history[-1]["eval"], abs=1e-3)
+    assert result.history[-1]["train/minilm/infonce"] == pytest.approx(contrastive.history[-1]["train/minilm/infonce"],
+                                                                       abs=1e-4)  # over 32, not 32 batches of one
 
 
-def test_injected_oom_is_survived(store, baseline, tmp_path):
-    result = fit(small(inject_oom_at_step=3), store, tmp_path / "oom")
+def test_injected_oom_is_survived(store, contrastive, tmp_path):
+    result = fit(small(loss=CONTRASTIVE, inject_oom_at_step=3), store, tmp_path / "oom")
     assert any("out of memory (injected at step 3); retrying the step" in d for d in result.batch_decisions)
     assert len(result.history) == 2 and result.history[-1]["micro_batch"] == 16
-    assert close(weights(baseline.out / "latest"), weights(tmp_path / "oom" / "latest"), 1e-4)
+    assert close(weights(contrastive.out / "latest"), weights(tmp_path / "oom" / "latest"), 1e-4)
 
 
 def test_early_stopping_fires(store, tmp_path):

@@ -1,6 +1,3 @@
-
-import dataclasses
-
 import optuna
 import pytest
 
