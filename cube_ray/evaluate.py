@@ -18,7 +18,7 @@ import sys
 import torch
 
 from cube_ray.baselines import BASELINES, baselines
-from cube_ray.metrics import dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics
+from cube_ray.metrics import agreement, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics, top1
 from cube_ray.model import Student
 from cube_ray.train.data import Pairs
 
@@ -51,6 +51,13 @@ def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> d
         out[t] = {**retrieval_metrics(pred, pool.index, answers), "steps": steps,
                   "entropy": retrieval_entropy(pred, answers)}
     return out
+
+
+def retrieval_agreement(student: Student, pairs: Pairs) -> dict[str, float]:
+    """Per teacher: how often the student's top-1 answer in its space is the top-1 in the other teachers' spaces."""
+    pool = dedup_pool(pairs.answers)
+    return agreement({t: top1(predict(student, t, pairs.q[t])[0], pairs.a[t][torch.as_tensor(pool.first)])
+                      for t in pairs.q})
 
 
 def comparison(student: Student, train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:

@@ -73,6 +73,28 @@ def dedup_pool(answers) -> Pool:
     return Pool(answers[first[order]], rank[inverse.reshape(-1)], first[order])
 
 
+def top1(pred, pool) -> np.ndarray:
+    """(N,) each prediction's nearest pool row by cosine."""
+    pred, pool = F.normalize(as_tensor(pred), dim=-1), F.normalize(as_tensor(pool), dim=-1)
+    return torch.cat([(pred[i:i + _CHUNK] @ pool.T).argmax(1) for i in range(0, len(pred), _CHUNK)]).numpy()
+
+
+def agreement(top1_by_teacher: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per teacher: the share of queries whose top-1 answer (a row of one shared pool) is also the top-1 in another
+    teacher's space, averaged over the other teachers; 1.0 for a lone teacher.
+
+    Example:
+        >>> a, b, c = np.array([0, 1, 2]), np.array([0, 1, 3]), np.array([4, 1, 3])  # a~b 2/3, a~c 1/3, b~c 2/3
+        >>> {t: round(v, 3) for t, v in agreement({"a": a, "b": b, "c": c}).items()}
+        {'a': 0.5, 'b': 0.667, 'c': 0.5}
+    """
+    out = {}
+    for t, mine in top1_by_teacher.items():
+        others = [np.mean(mine == theirs) for u, theirs in top1_by_teacher.items() if u != t]
+        out[t] = float(np.mean(others)) if others else 1.0
+    return out
+
+
 def reconstruction_cosine(pred, target) -> float:
     """Mean cosine between reconstructions and their inputs (autoencoder mode)."""
     return F.cosine_similarity(as_tensor(pred), as_tensor(target), dim=-1).double().mean().item()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cube_ray.metrics import Centering, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics
+from cube_ray.metrics import (Centering, agreement, dedup_pool, reconstruction_cosine, retrieval_entropy,
+                              retrieval_metrics, top1)
 
 
 @pytest.fixture
@@ -70,3 +71,15 @@ def test_centering_fits_train_mean_and_applies_to_both_types():
     np.testing.assert_array_equal(c(np.array([[4.0, 3.0]])), [[0.0, 0.0]])
     out = c(torch.tensor([[5.0, 5.0]]))
     assert isinstance(out, torch.Tensor) and out.tolist() == [[1.0, 2.0]]
+
+
+def test_top1_and_agreement_between_teacher_spaces(pool):
+    gold = np.array([3, 7, 7, 0])
+    assert top1(pool[gold] + 0.01, pool).tolist() == [3, 7, 7, 0]
+    first, second = top1(pool[gold], pool), top1(pool[[3, 7, 1, 2]], pool)  # agree on half the queries
+    assert agreement({"a": first, "b": second}) == {"a": 0.5, "b": 0.5}  # two teachers: always the same share
+    assert agreement({"alone": first}) == {"alone": 1.0}
+    import doctest
+
+    from cube_ray import metrics
+    assert doctest.testmod(metrics).attempted >= 1 and doctest.testmod(metrics).failed == 0

@@ -121,11 +121,22 @@ class LossConfig:
 
 @dataclasses.dataclass
 class WeightingConfig:
-    """How the per-teacher losses are weighted: fixed, uniform, or adaptive (softmax of -error / temperature)."""
+    """How the per-teacher losses are weighted, w = softmax(score / temperature) over the teachers, updated at every
+    epoch's end from the picking split:
 
-    mode: Literal["fixed", "uniform", "adaptive"] = "uniform"
+    - fixed: `weights`, never updated; uniform: all equal;
+    - adaptive: score = the teacher's selection metric (MRR by default): more weight where the student retrieves
+      best. E.g. MRR 0.70 (minilm) and 0.30 (smollm2) at temperature 0.1: softmax([7, 3]) = 0.98 / 0.02;
+    - agreement: score = how often the student's top-1 answer in this teacher's space is the one it retrieves in
+      the others' (the share of questions, averaged over the other teachers): a teacher whose space disagrees with
+      the rest weighs less. E.g. three teachers whose top-1 answers agree pairwise on 60 % (a, b), 20 % (a, c) and
+      20 % (b, c) of the questions score a 0.40, b 0.40, c 0.20: at temperature 0.1, 0.47 / 0.47 / 0.06. With two
+      teachers the agreement is the same for both, so their weights stay equal.
+    """
+
+    mode: Literal["fixed", "uniform", "adaptive", "agreement"] = "uniform"
     weights: dict[str, float] = dataclasses.field(default_factory=dict)  # mode 'fixed'; normalised to sum 1
-    temperature: float = 0.1  # mode 'adaptive': lower = more weight on the teacher learned best
+    temperature: float = 0.1  # adaptive, agreement: lower = more weight on the best-scoring teacher
 
     def validate(self) -> None:
         if self.temperature <= 0:

@@ -3,9 +3,10 @@
 `student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space: with
 `cube.residual` (the default) x + (the cube's read-out), the decoders' last layers starting at zero, so an
 untrained student predicts its input (the identity baseline) and training learns the change. The training
-loop weights the per-teacher losses by `student.weights()`: fixed, uniform, or adaptive, where
-`update_weights(val_errors)` (called once per epoch) sets w_t = softmax(-error_t / temperature), so the teachers
-the student currently matches best weigh most. The weights are a buffer, so they are saved in checkpoints.
+loop weights the per-teacher losses by `student.weights()`: fixed, uniform, adaptive or agreement, where
+`update_weights(scores)` (called once per epoch) sets w_t = softmax(score_t / temperature): the teacher's MRR on
+the picking split (adaptive) or how well its retrieval agrees with the other teachers' (agreement; see
+WeightingConfig). The weights are a buffer, so they are saved in checkpoints.
 """
 from __future__ import annotations
 
@@ -84,16 +85,14 @@ class Student(nn.Module):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.teachers, self.teacher_weights.tolist()))
 
-    def update_weights(self, val_errors: dict[str, float]) -> dict[str, float]:
-        """Adaptive weighting: w = softmax(-error / temperature) over the teachers (e.g. error = 1 - val cosine).
-
-        The other modes keep their weights. Returns the current weights.
-        """
-        if self.weighting.mode == "adaptive":
-            if missing := sorted(set(self.teachers) - set(val_errors)):
-                raise ValueError(f"update_weights needs a validation error for every teacher, missing {missing}")
-            errors = torch.tensor([float(val_errors[t]) for t in self.teachers])
-            self.teacher_weights.copy_(torch.softmax(-errors / self.weighting.temperature, dim=0))
+    def update_weights(self, scores: dict[str, float]) -> dict[str, float]:
+        """Adaptive and agreement weighting: w = softmax(score / temperature) over the teachers (higher score, more
+        weight; see WeightingConfig). The other modes keep their weights. Returns the current weights."""
+        if self.weighting.mode in ("adaptive", "agreement"):
+            if missing := sorted(set(self.teachers) - set(scores)):
+                raise ValueError(f"update_weights needs a score for every teacher, missing {missing}")
+            values = torch.tensor([float(scores[t]) for t in self.teachers])
+            self.teacher_weights.copy_(torch.softmax(values / self.weighting.temperature, dim=0))
         return self.weights()
 
     def cost(self, teacher: str) -> dict[str, int]:

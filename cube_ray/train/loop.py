@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.data.split import selection_split
-from cube_ray.evaluate import student_metrics
+from cube_ray.evaluate import retrieval_agreement, student_metrics
 from cube_ray.experiment import DONE_TRAINING
 from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
@@ -208,9 +208,13 @@ def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str,
     """The selection metric on `pairs` (mean over teachers) and each teacher's metrics."""
     cfg, start = w.run.cfg, time.perf_counter()
     per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
-    key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
     w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
-    return float(np.mean([m[key] for m in per_teacher.values()])), per_teacher
+    return float(np.mean([m[selection_key(cfg)] for m in per_teacher.values()])), per_teacher
+
+
+def selection_key(cfg: TrainConfig) -> str:
+    """The per-teacher metric that picks models (and weighs teachers adaptively)."""
+    return "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
 
 
 def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = None) -> dict[str, float]:
@@ -239,8 +243,9 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
     metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
     metrics.update({f"train/{k}": v for k, v in sums["parts"].items()})
     if cfg.weighting.mode == "adaptive":
-        weights = student.update_weights({t: 1 - per_teacher[t].get("cos", per_teacher[t].get("recon_cos", 0))
-                                          for t in cfg.teachers})
+        weights = student.update_weights({t: per_teacher[t][selection_key(cfg)] for t in cfg.teachers})
+    elif cfg.weighting.mode == "agreement":
+        weights = student.update_weights(retrieval_agreement(student, w.run.eval_pairs))
     else:
         weights = student.weights()
     metrics.update({f"weight/{t}": w_ for t, w_ in weights.items()})

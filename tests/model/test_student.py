@@ -112,10 +112,16 @@ def test_teacher_weighting():
         Student(cube, adapter, TEACHERS, WeightingConfig(mode="fixed", weights={"minilm": 1}))
 
     adaptive = Student(cube, adapter, TEACHERS, WeightingConfig(mode="adaptive", temperature=0.1))
-    w = adaptive.update_weights({"minilm": 0.2, "smollm2": 0.3})
-    expected = torch.softmax(torch.tensor([-2.0, -3.0]), 0)
-    assert w == pytest.approx(dict(zip(TEACHERS, expected.tolist())))
+    w = adaptive.update_weights({"minilm": 0.70, "smollm2": 0.30})  # MRRs: the WeightingConfig docstring's example
+    assert w == pytest.approx({"minilm": 0.982, "smollm2": 0.018}, abs=1e-3)
     assert torch.equal(adaptive.state_dict()["teacher_weights"], torch.tensor(list(w.values())))  # checkpointed
+
+    three = {"a": 8, "b": 8, "c": 8}  # agreements 0.4, 0.4, 0.2: the docstring's example
+    agreeing = Student(cube, adapter, three, WeightingConfig(mode="agreement", temperature=0.1))
+    assert agreeing.update_weights({"a": 0.4, "b": 0.4, "c": 0.2}) == pytest.approx({"a": 0.468, "b": 0.468, "c": 0.063},
+                                                                                    abs=1e-3)
+    with pytest.raises(ValueError, match=r"needs a score for every teacher, missing \['c'\]"):
+        agreeing.update_weights({"a": 0.4, "b": 0.4})
 
 
 def test_larger_thinking_cost_lowers_expected_steps():

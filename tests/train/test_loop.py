@@ -144,6 +144,24 @@ def test_other_modes_train(store, tmp_path, mode):
     assert len(result.history) == 1 and result.history[0][key] > 0
 
 
+@pytest.mark.parametrize("mode", ["adaptive", "agreement"])
+def test_teacher_weights_follow_each_teachers_score_on_the_picking_split(store, tmp_path, mode):
+    from cube_ray.model import WeightingConfig
+    from cube_ray.teachers import load_registry
+    from tests.conftest import make_tiny_teacher
+
+    registry = {**load_registry(), "tiny-llama": make_tiny_teacher(tmp_path / "tiny", "llama")}
+    result = fit(small(teachers=["minilm", "tiny-llama"], epochs=1, weighting=WeightingConfig(mode=mode, temperature=0.1)),
+                 store, tmp_path / mode, registry=registry)
+    row = result.history[0]
+    if mode == "adaptive":  # softmax(MRR / temperature): the teacher the student retrieves best in weighs most
+        expected = torch.softmax(torch.tensor([row["minilm/mrr"], row["tiny-llama/mrr"]]) / 0.1, 0).tolist()
+        assert row["minilm/mrr"] != pytest.approx(row["tiny-llama/mrr"], abs=0.01)
+    else:  # two teachers agree with each other as much as the other way round
+        expected = [0.5, 0.5]
+    assert [row["weight/minilm"], row["weight/tiny-llama"]] == pytest.approx(expected, abs=1e-6)
+
+
 def test_distill_mode_with_two_teachers(store, tmp_path):
     from cube_ray.teachers import load_registry
     from tests.conftest import make_tiny_teacher
