@@ -47,7 +47,7 @@ from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, Earl
 from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.snapshot import build_student, check_resume_config, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
-from cube_ray.train.step import accumulate, take, train_step
+from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
@@ -192,8 +192,8 @@ def setup_worker(config: dict) -> Worker:
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
-        t0 = cfg.teachers[0]
-        sizer.probe(lambda n: model(shard.q[t0][:n], t0).output.sum(), probe_size=min(32, len(shard)))
+        sizer.probe(lambda n: probe_step(cfg, model, take(shard, torch.arange(n))), probe_size=min(32, len(shard)),
+                    parameters=list(student.parameters()))
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
     run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)

@@ -162,6 +162,15 @@ def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSi
     return total, parts
 
 
+def probe_step(cfg: TrainConfig, model, batch: Pairs) -> None:
+    """Forward and backward of every task of the mode on `batch`, as a step runs them (the batch sizer's probe);
+    it leaves no gradients behind."""
+    preds = predict(model, tasks(cfg, batch))
+    sum(p.output.sum() + p.steps.sum() for p in preds).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
 def _maybe_inject_oom(run: Run) -> None:
     """TrainConfig.inject_oom_at_step: one simulated out-of-memory error, for the tests of the retry."""
     if run.cfg.inject_oom_at_step == run.state.global_step and not run.oom_injected:
