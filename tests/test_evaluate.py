@@ -7,10 +7,10 @@ import torch
 from cube_ray import evaluate, infer
 from cube_ray.checkpoint import CheckpointError
 from cube_ray.config import DataConfig, TrainConfig
-from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
-from cube_ray.model import Student
+from cube_ray.model import AdapterConfig, CubeConfig, LossConfig, Student
 from cube_ray.train.data import Pairs
 from cube_ray.train.loop import fit
+from cube_ray.train.snapshot import load_for_eval
 from tests.conftest import write_jsonl
 
 
@@ -67,8 +67,15 @@ def test_evaluate_table_and_deterministic(checkpoint, capsys):
 def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):
     rows = [{"doc_id": f"d{i}", "question": f"What colour is cube number {i}?", "answer": f"Cube {i} is painted red."}
             for i in range(20)]
-    assert evaluate.main([str(checkpoint), "--pairs", str(write_jsonl(tmp_path / "new.jsonl", rows)), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["minilm"]["model"]["r1"] >= 0
+    path = str(write_jsonl(tmp_path / "new.jsonl", rows))
+    assert evaluate.main([str(checkpoint), "--pairs", path, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["minilm"]
+    loaded = load_for_eval(checkpoint, pairs=path)  # the same pairs, embedded and scored here directly
+    assert len(loaded.held_out) == 20 and loaded.held_out.questions[7] == "What colour is cube number 7?"
+    direct = evaluate.comparison(loaded.student, loaded.train, loaded.held_out)["minilm"]
+    for row in ("model", "identity"):
+        assert table[row] == pytest.approx({k: round(v, 6) for k, v in direct[row].items()}, abs=1e-6)
+    assert table["identity"]["mrr"] > 2 * sum(1 / r for r in range(1, 21)) / 20  # far above a fixed ranking of 20
 
 
 def test_infer_ranks_the_training_answers(checkpoint, capsys):

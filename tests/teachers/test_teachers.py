@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,11 +52,17 @@ def test_minilm_is_real_and_semantic():
     assert emb[0] @ emb[1] > 0.6 > 0.2 > emb[0] @ emb[2]
 
 
-def test_smollm2_loads_from_gguf():
+def test_smollm2_loads_from_gguf_and_embeds_as_the_committed_reference():
+    """smollm2_reference.json: these texts embedded once (with the versions it names); a change of loading,
+    dequantisation, tokenisation or pooling shows here."""
+    reference = json.loads((Path(__file__).parent / "smollm2_reference.json").read_text())
     teacher = Teacher(get_teacher("smollm2"))
-    emb = teacher.embed(TEXTS)
-    assert emb.shape == (3, 576) and np.isfinite(emb).all()
-    assert type(teacher.model).__name__ == "LlamaModel"
+    emb = teacher.embed(reference["texts"])
+    assert emb.shape == (3, 576) and type(teacher.model).__name__ == "LlamaModel"
+    expected = np.array(reference["embeddings"])
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-3)
+    cos = (emb * expected).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99999
 
 
 def test_unknown_teacher_lists_known_ones(reliability):
