@@ -4,7 +4,7 @@
     <dir>/config.yaml         the full config that built it
     <dir>/teachers.yaml       the teacher specs its adapters were trained against
     <dir>/data.json           which data: store, dataset id and split hashes, embedding entry per teacher
-    <dir>/state.pt            training state (epoch, step, optimiser, RNG …); optional
+    <dir>/state.pt            training state (epoch, step, optimiser, RNG …) as tensors and plain values; optional
     <dir>/checkpoint.json     written last: format version and the sha256 of every file above
 
 A folder is written under a temporary name and renamed into place, so it is complete or absent. Loading checks
@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,10 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
     teachers = {n: TeacherSpec(name=n, **fields) for n, fields in yaml.safe_load((path / "teachers.yaml").read_text()).items()}
     state = None
     if with_state and "state.pt" in files:
-        state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=False)
+        try:  # tensors and plain values only: a crafted state.pt cannot run code here
+            state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path / 'state.pt'}: refused, it holds more than tensors and plain values (a "
+                                  f"checkpoint never runs code; {str(e).splitlines()[0]})") from None
     return Checkpoint(path, load_file(str(path / "model.safetensors")), yaml.safe_load((path / "config.yaml").read_text()),
                       teachers, json.loads((path / "data.json").read_text()), state, manifest["format"])

@@ -31,7 +31,10 @@ class TrainState:
     def capture_rng(self) -> None:
         """Every rank's RNG states (a collective call when several workers train: each rank draws its own cell
         updates, so rank 0's state alone would not resume rank 1 exactly)."""
-        mine = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        # plain values and tensors only: a checkpoint loads with torch.load(weights_only=True), which runs no code
+        mine = {"python": random.getstate(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+                "torch": torch.get_rng_state()}
         states = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * torch.distributed.get_world_size()
@@ -43,10 +46,16 @@ class TrainState:
         mine = self.rng.get(str(rank)) or (self.rng if "python" in self.rng and rank == 0 else None)  # format 1: rank 0's
         if mine is None:
             return False
-        random.setstate(mine["python"])
-        np.random.set_state(mine["numpy"])
+        random.setstate(_tuples(mine["python"]))
+        name, key, pos, has_gauss, gauss = mine["numpy"]
+        np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(mine["torch"])
         return True
+
+
+def _tuples(value):
+    """random.setstate wants the nested tuples random.getstate gave, whatever a checkpoint turned them into."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def seed_everything(seed: int) -> None:

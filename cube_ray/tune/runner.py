@@ -217,6 +217,20 @@ def concurrency(search: SearchConfig, space: SearchSpace) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
 
 
+def check_own_experiment(exp: Path) -> None:
+    """Ray Tune restores a search from its own pickles (tuner.pkl, the searcher's state), and unpickling runs code:
+    resume only experiments this user owns and no one else can write into."""
+    import os
+
+    info = exp.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"--resume: {exp} belongs to user id {info.st_uid}, not you ({os.getuid()}): Ray restores "
+                              "a search from pickles, which run code; resume only your own experiments")
+    if info.st_mode & 0o002:
+        raise PermissionError(f"--resume: {exp} is writable by everyone (mode {info.st_mode & 0o777:o}): anyone could "
+                              f"have replaced the pickles Ray restores from; chmod o-w {exp} if you trust its contents")
+
+
 def run_search(search: SearchConfig, address: str | None = None, resume: bool = False) -> Path:
     """Run (or with `resume`, continue) the search; returns the experiment folder holding report.md."""
     from cube_ray.cli import default_store, init_ray
@@ -231,6 +245,7 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     if resume:
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} does not exist; nothing to resume")
+        check_own_experiment(exp)
         # the saved settings win; the folder is wherever the experiment is now
         search = dataclasses.replace(load_yaml(SearchConfig, saved), out=str(exp.parent), name=exp.name)
     elif saved.exists():
