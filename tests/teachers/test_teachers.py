@@ -105,3 +105,22 @@ def test_fingerprint_tracks_what_changes_embeddings():
     b = TeacherSpec(**{**a.__dict__, "name": "renamed"})
     c = TeacherSpec(**{**a.__dict__, "max_length": 128})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("source", ["package:evilpkg", "package:evilpkg.model"])
+def test_a_package_source_is_found_without_importing_anything(tmp_path, monkeypatch, source, reliability):
+    """A package of that name in the working directory (first on sys.path under `python -m`) must not run."""
+    reliability(scenario=f"teacher YAML `source: {source}` with evilpkg/__init__.py in the working directory",
+                done="TeacherSpec.resolve (extract, train, tune, infer on a checkpoint's teachers.yaml)")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evilpkg" / "model").mkdir(parents=True)
+    (tmp_path / "evilpkg" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "evilpkg" / "model" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = TeacherSpec(name="evil", family="bert", source=source, pooling="mean", max_length=32, dtype="float32", width=8)
+    expected = "is not installed" if source == "package:evilpkg" else "name a top-level package"
+    with pytest.raises(TeacherError, match=expected):
+        spec.resolve()
+    assert not marker.exists()
+    reliability(outcome=f"TeacherError ({expected}); nothing imported", lost="nothing")
