@@ -104,16 +104,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # an empty file would otherwise load as every default, e.g. a search of the bundled sample
+        raise ConfigError(f"{path}: empty (a torn write?); expected a mapping of {cls.__name__} fields")
     return from_dict(cls, data, where=str(path))
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Written whole or not at all (a temporary file renamed into place)."""
+    from cube_ray.fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 @dataclasses.dataclass
