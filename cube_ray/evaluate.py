@@ -94,13 +94,14 @@ def verdict(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cube_ray.cli import seed_int
     from cube_ray.train.snapshot import load_for_eval
 
     p = argparse.ArgumentParser(prog="python -m cube_ray.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (e.g. OUT/best_eval)")
     p.add_argument("--pairs", help="evaluate on these pairs instead of the checkpoint's eval split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     loaded = load_for_eval(args.checkpoint, pairs=args.pairs)
