@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cube_ray.data.manifest import sha256_file
-from cube_ray.fsutil import recover_swap, swap_in
+from cube_ray.fsutil import fsync_dir, recover_swap, swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 2
@@ -66,7 +66,11 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
-    (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with open(tmp / "checkpoint.json", "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     swap_in(tmp, path)  # replaces an older checkpoint of the same name
     return path
 
