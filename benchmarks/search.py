@@ -68,7 +68,7 @@ def run(setup: str, seed: int, args, folder: Path) -> dict:
 
 def figures(setup: str, seed: int, exp: Path) -> dict:
     report = json.loads((exp / "report.json").read_text())
-    cost, trials = report["cost"], report["trials"]
+    cost = report["cost"]
     first = []
     for folder in exp.glob("trial_*"):
         lines = (folder / "result.json").read_text().splitlines() if (folder / "result.json").exists() else []

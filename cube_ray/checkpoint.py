@@ -4,7 +4,7 @@
     <dir>/config.yaml         the full config that built it
     <dir>/teachers.yaml       the teacher specs its adapters were trained against
     <dir>/data.json           which data: store, dataset id and split hashes, embedding entry per teacher
-    <dir>/state.pt            training state (epoch, step, optimiser, RNG …); optional
+    <dir>/state.pt            training state (epoch, step, optimiser, RNG …) as tensors and plain values; optional
     <dir>/checkpoint.json     written last: format version and the sha256 of every file above
 
 A folder is written under a temporary name and renamed into place, so it is complete or absent. Loading checks
@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cube_ray.data.manifest import sha256_file
-from cube_ray.fsutil import recover_swap, swap_in
+from cube_ray.fsutil import fsync_dir, recover_swap, swap_in
 from cube_ray.teachers.registry import TeacherSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)  # format 1 predates the residual student: train/snapshot.py reads it as it was meant
 
 
 class CheckpointError(ValueError):
@@ -43,6 +45,7 @@ class Checkpoint:
     teachers: dict[str, TeacherSpec]
     data: dict[str, Any]
     state: dict[str, Any] | None
+    format: int = FORMAT_VERSION
 
 
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: dict, teachers: dict[str, TeacherSpec],
@@ -63,7 +66,11 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
-    (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with open(tmp / "checkpoint.json", "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     swap_in(tmp, path)  # replaces an older checkpoint of the same name
     return path
 
@@ -79,8 +86,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: corrupt ({e})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{index}: format {manifest.get('format')!r}, this cube_ray reads format {FORMAT_VERSION}")
+    if manifest.get("format") not in READS_FORMATS:
+        raise CheckpointError(f"{index}: format {manifest.get('format')!r}, this cube_ray reads formats {READS_FORMATS}")
     for name, digest in files.items():
         f = path / name
         if not f.exists():
@@ -90,6 +97,10 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
     teachers = {n: TeacherSpec(name=n, **fields) for n, fields in yaml.safe_load((path / "teachers.yaml").read_text()).items()}
     state = None
     if with_state and "state.pt" in files:
-        state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=False)
+        try:  # tensors and plain values only: a crafted state.pt cannot run code here
+            state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path / 'state.pt'}: refused, it holds more than tensors and plain values (a "
+                                  f"checkpoint never runs code; {str(e).splitlines()[0]})") from None
     return Checkpoint(path, load_file(str(path / "model.safetensors")), yaml.safe_load((path / "config.yaml").read_text()),
-                      teachers, json.loads((path / "data.json").read_text()), state)
+                      teachers, json.loads((path / "data.json").read_text()), state, manifest["format"])

@@ -3,10 +3,44 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 from cube_ray.config import DataConfig
 from cube_ray.teachers.model import cache_dir
+
+
+MAX_SEED = 2**32 - 1  # seeds are mixed with epochs and ranks into 64-bit generator seeds: larger ones overflow
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse `type`: an integer in [low, high]; argparse names the flag in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return value
+    return parse
+
+
+def float_at_least(low: float, strict: bool = False):
+    """An argparse `type`: a finite number >= low (> low when strict)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+positive_int, seed_int = int_in(1), int_in(0, MAX_SEED)
 
 
 def default_store() -> str:
@@ -16,21 +50,22 @@ def default_store() -> str:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", help="question/answer pairs: .jsonl, .csv, .tsv or .parquet, optionally .gz (default: the bundled SQuAD sample)")
     p.add_argument("--eval-pairs", help="an explicit eval file; it becomes the eval split as is")
-    p.add_argument("--limit", type=int, help="keep only the first N pairs of each file")
+    p.add_argument("--limit", type=int_in(0), help="keep only the first N pairs of each file (0: all; default: all, "
+                   "except the search's embedded default)")
     p.add_argument("--decontaminate", action="store_true",
                    help="drop eval pairs whose text also occurs in train (recorded in the manifest) instead of refusing")
-    p.add_argument("--val-fraction", type=float,
+    p.add_argument("--val-fraction", type=float_at_least(0.0),
                    help="move this fraction of the train split (whole documents) into a 'val' split that picks "
                         "models (early stopping, best checkpoint, the search), so the eval split is used only for the "
                         "final report (default: 0: models are picked on eval)")
     p.add_argument("--teacher-config", help="a YAML file of extra teacher specs (name -> fields, as in teachers/builtin.yaml)")
     p.add_argument("--store", default=default_store(), help="embedding store folder (default: %(default)s; env CUBE_RAY_STORE)")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: a local one)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the document split (and everything else downstream)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for the document split (and everything else downstream)")
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    cfg = DataConfig(pairs=args.pairs, eval_pairs=args.eval_pairs, limit=args.limit, seed=args.seed,
+    cfg = DataConfig(pairs=args.pairs, eval_pairs=args.eval_pairs, limit=args.limit or None, seed=args.seed,
                      decontaminate=args.decontaminate, val_fraction=args.val_fraction or 0.0)
     cfg.validate()
     return cfg

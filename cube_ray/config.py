@@ -6,6 +6,7 @@ the source file and the key, so a typo in a YAML file fails before any work star
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -90,19 +91,35 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"cube": {"dims": v}} -> {"cube/dims": v}: Ray Tune nests names with '/'; this undoes it."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # an empty file would otherwise load as every default, e.g. a search of the bundled sample
+        raise ConfigError(f"{path}: empty (a torn write?); expected a mapping of {cls.__name__} fields")
     return from_dict(cls, data, where=str(path))
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Written whole or not at all (a temporary file renamed into place)."""
+    from cube_ray.fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 @dataclasses.dataclass
@@ -199,13 +216,26 @@ class TrainConfig:
             raise ValueError("teachers must name at least one teacher")
         if self.mode == "distill" and len(self.teachers) < 2:
             raise ValueError("mode 'distill' maps between teachers, so it needs at least two")
+        if self.mode == "distill" and self.cube.residual and not self.grad_clip:
+            raise ValueError("mode 'distill' with cube.residual needs grad_clip > 0: predictions into another teacher's "
+                             "space start at zero, where the cosine loss's gradient is ~1e7")
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "report_every_samples", "round_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # NaN fails too
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "momentum"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
+            raise ValueError(f"memory_budget_mb must be at least 1 (or unset: measured), got {self.memory_budget_mb}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        if self.loss.curriculum and self.loss.curriculum_warmup >= self.epochs:
+            raise ValueError(f"loss.curriculum_warmup ({self.loss.curriculum_warmup}) must be below epochs "
+                             f"({self.epochs}): the curriculum's step cap reaches cube.max_steps only after its warm-up")
 
 
 @dataclasses.dataclass
@@ -257,6 +287,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.reduction_factor is not None and self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
+        if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
+            raise ValueError(f"name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive (or unset: no limit), got {self.time_budget_s}")
         self.data.validate()
 
 
@@ -268,3 +302,11 @@ class InferConfig:
     max_steps: int | None = None  # None: the checkpoint's cube max_steps
     timeout_s: float | None = 5.0
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive (or unset: no timeout), got {self.timeout_s}")

@@ -1,4 +1,5 @@
-"""Held-out evaluation: the student against identity, mean-answer and ridge baselines, in each teacher's space.
+"""Held-out evaluation: the student against the identity, mean-answer, ridge and linear-adapter baselines
+(cube_ray/baselines.py), in each teacher's space.
 
     python -m cube_ray.evaluate CHECKPOINT [--pairs FILE] [--json]
 
@@ -16,14 +17,14 @@ import sys
 
 import torch
 
-from cube_ray.metrics import baselines, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics
+from cube_ray.baselines import BASELINES, baselines
+from cube_ray.metrics import agreement, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics, top1
 from cube_ray.model import Student
 from cube_ray.train.data import Pairs
 
-ROWS = ("model", "identity", "mean_answer", "ridge")
+ROWS = ("model", *BASELINES)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def predict(student: Student, teacher: str, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, float]:
     """Predictions by the halting gate (inference), and the mean number of steps the samples ran."""
@@ -52,12 +53,20 @@ def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> d
     return out
 
 
+def retrieval_agreement(student: Student, pairs: Pairs) -> dict[str, float]:
+    """Per teacher: how often the student's top-1 answer in its space is the top-1 in the other teachers' spaces."""
+    pool = dedup_pool(pairs.answers)
+    return agreement({t: top1(predict(student, t, pairs.q[t])[0], pairs.a[t][torch.as_tensor(pool.first)])
+                      for t in pairs.q})
+
+
 def comparison(student: Student, train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:
-    """{teacher: {"model": …, "identity": …, "mean_answer": …, "ridge": …}} on the same (centred) split."""
+    """{teacher: {"model": …, "identity": …, "mean_answer": …, "ridge": …, "linear_adapter": …}} on the same
+    (centred) split; the fitted baselines validate on whole documents of `train`."""
     model = student_metrics(student, held_out)
     table = {}
     for t in held_out.q:
-        base = baselines(train.q[t], train.a[t], held_out.q[t], held_out.a[t], seed=seed)
+        base = baselines(train.q[t], train.a[t], held_out.q[t], held_out.a[t], seed=seed, groups=train.doc_ids or None)
         table[t] = {"model": model[t], **base}
     return table
 
@@ -69,19 +78,30 @@ def format_table(table: dict[str, dict[str, dict]]) -> str:
         for name in ROWS:
             m = rows[name]
             lines.append(f"{name:<12} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}")
-        verdict = "beats" if rows["model"]["mrr"] > rows["ridge"]["mrr"] else "does NOT beat"
-        lines.append(f"model {verdict} ridge regression on MRR ({rows['model']['mrr']:.3f} vs {rows['ridge']['mrr']:.3f})")
+        lines.append(verdict(rows))
     return "\n".join(lines)
 
 
+def best_baseline(rows: dict[str, dict]) -> str:
+    return max(BASELINES, key=lambda name: rows[name]["mrr"])
+
+
+def verdict(rows: dict[str, dict]) -> str:
+    """'model beats …' or 'model does NOT beat …', against the best of the baselines on MRR."""
+    best = best_baseline(rows)
+    word = "beats" if rows["model"]["mrr"] > rows[best]["mrr"] else "does NOT beat"
+    return f"model {word} the best baseline, {best}, on MRR ({rows['model']['mrr']:.3f} vs {rows[best]['mrr']:.3f})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cube_ray.cli import seed_int
     from cube_ray.train.snapshot import load_for_eval
 
     p = argparse.ArgumentParser(prog="python -m cube_ray.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (e.g. OUT/best_eval)")
     p.add_argument("--pairs", help="evaluate on these pairs instead of the checkpoint's eval split")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     loaded = load_for_eval(args.checkpoint, pairs=args.pairs)

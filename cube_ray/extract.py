@@ -199,19 +199,22 @@ def extract_all(texts: list[str], specs: list[TeacherSpec], store: EmbeddingStor
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cube_ray.cli import add_data_args, data_config, setup_logging
+    from cube_ray.cli import add_data_args, data_config, positive_int, setup_logging
     from cube_ray.data.prepare import prepare
     from cube_ray.teachers.registry import get_teacher, load_registry
 
     p = argparse.ArgumentParser(prog="python -m cube_ray.extract", description=__doc__.split("\n\n")[0])
     add_data_args(p)
     p.add_argument("--teachers", default="minilm,smollm2", help="comma-separated teacher names (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=None, help="actors per teacher pool (default: one per 2 CPUs)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per teacher forward pass")
+    p.add_argument("--concurrency", type=positive_int, default=None, help="actors per teacher pool (default: one per 2 CPUs)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per teacher forward pass")
     args = p.parse_args(argv)
     setup_logging()
     registry = load_registry(args.teacher_config)
-    specs = [get_teacher(name.strip(), registry) for name in args.teachers.split(",") if name.strip()]
+    names = [name.strip() for name in args.teachers.split(",") if name.strip()]
+    if not names:
+        p.error(f"argument --teachers: expected comma-separated teacher names, got {args.teachers!r}")
+    specs = [get_teacher(name, registry) for name in names]
     prepared = prepare(data_config(args), args.store)
     texts = prepared.unique_texts()
     print(f"data: {prepared.dir}  ({prepared.filter_report.summary()})")

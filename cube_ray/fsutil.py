@@ -13,18 +13,34 @@ from pathlib import Path
 from typing import Iterator
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the user's umask, for the modes of the files written here
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a crash after it cannot bring the old name back)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path` atomically, on error it is removed."""
+    """Yield a temporary path to write; on success it replaces `path` atomically and durably, with the mode the
+    user's umask gives a new file (mkstemp's own 0600 would lock other users out of a shared store)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -43,6 +59,7 @@ def swap_in(tmp: str | Path, path: str | Path) -> None:
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

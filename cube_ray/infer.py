@@ -72,16 +72,21 @@ def _bank(path: str | None, snap, teacher: str) -> tuple[list[str], torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cube_ray.cli import float_at_least, positive_int, seed_int
     p = argparse.ArgumentParser(prog="python -m cube_ray.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("question")
     p.add_argument("--bank", help="answers: a .txt file (one per line) or a pairs file (default: the training answers)")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=positive_int, default=5, help="answers to show (default: %(default)s)")
     p.add_argument("--teacher", help="which of the checkpoint's teachers embeds the question (default: the first)")
-    p.add_argument("--timeout-s", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float_at_least(0.0, strict=True), default=5.0,
+                   help="stop the cube's steps after this many seconds (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
+    if not args.question.strip():
+        p.error("argument question: expected a question, got an empty text")
     cfg = InferConfig(k=args.k, timeout_s=args.timeout_s, seed=args.seed)
+    cfg.validate()
     snap = load_snapshot(args.checkpoint)
     teacher = args.teacher or snap.cfg.teachers[0]
     if teacher not in snap.cfg.teachers:

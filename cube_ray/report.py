@@ -267,7 +267,7 @@ def _leaderboard(scored: list[Trial], keys: list[str], teachers: list[str]) -> l
 
 
 def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, center: bool) -> list[str]:
-    from cube_ray.evaluate import ROWS
+    from cube_ray.evaluate import ROWS, best_baseline
 
     lines = []
     for teacher, rows in table["table"].items():
@@ -276,9 +276,9 @@ def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, c
         shown = [("best trial", rows["model"])] + ([(f"base preset (trial {base.id})", base_table["table"][teacher]["model"])]
                                                    if base_table else []) + [(r, rows[r]) for r in ROWS if r != "model"]
         lines += [f"| {name} | {r['cos']:.3f} | {r['r1']:.3f} | {r['r5']:.3f} | {r['mrr']:.3f} |" for name, r in shown]
-        model, best_baseline = rows["model"]["mrr"], max((r for r in ROWS if r != "model"), key=lambda r: rows[r]["mrr"])
-        verdict = [f"The best trial {'beats' if model > rows[best_baseline]['mrr'] else 'does **not** beat'} every "
-                   f"baseline on MRR (the best is {best_baseline}: {model:.3f} vs {rows[best_baseline]['mrr']:.3f})"]
+        model, strongest = rows["model"]["mrr"], best_baseline(rows)
+        verdict = [f"The best trial {'beats' if model > rows[strongest]['mrr'] else 'does **not** beat'} every "
+                   f"baseline on MRR (the best is {strongest}: {model:.3f} vs {rows[strongest]['mrr']:.3f})"]
         if base_table:
             b = base_table["table"][teacher]["model"]["mrr"]
             verdict.append(f"it {'beats' if model > b else 'does **not** beat'} the base preset's trial ({b:.3f})")

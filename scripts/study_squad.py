@@ -30,6 +30,8 @@ NAME = "squad-stage247"
 SEEDS = (0, 1, 2)
 CUBES = {"best": "cube, best config of the search", "default": "cube, default preset"}
 METRICS = ("cos", "r1", "r5", "mrr")
+# The baselines the committed study (results/study_squad/) measured; it predates the linear adapter, which a rerun of
+# split_baselines adds (cube_ray.baselines.BASELINES) and this report then still leaves out until it is listed here.
 BASELINES = ("identity", "mean_answer", "ridge")
 ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "cube/attention", "cube/skip_input",
                 "cube/skip_linear", "adapter/strategy", "adapter/io", "adapter/out", "optimizer", "batch_size")
@@ -152,16 +154,17 @@ def data_facts(exp: Path) -> None:
 def split_baselines(exp: Path, split: str) -> None:
     """The baselines on one split (`val`: the split that picked the models; `eval`: SQuAD dev), raw and centred on
     the train mean, for every teacher: the scale of the search's figures, and the raw rows even where no raw cube ran."""
-    from cube_ray.metrics import Centering, baselines
+    from cube_ray.baselines import baselines
+    from cube_ray.metrics import Centering
     from cube_ray.train.data import load_split
 
     _, dataset_id, store, specs = search_data(exp)
     train, held = (load_split(store, dataset_id, name, specs) for name in ("train", split))
     out: dict = {"raw": {}, "centred": {}}
     for t in specs:
-        out["raw"][t] = baselines(train.q[t], train.a[t], held.q[t], held.a[t])
+        out["raw"][t] = baselines(train.q[t], train.a[t], held.q[t], held.a[t], groups=train.doc_ids)
         c = Centering.fit(train.q[t], train.a[t])
-        out["centred"][t] = baselines(c(train.q[t]), c(train.a[t]), c(held.q[t]), c(held.a[t]))
+        out["centred"][t] = baselines(c(train.q[t]), c(train.a[t]), c(held.q[t]), c(held.a[t]), groups=train.doc_ids)
     (OUT / f"baselines_{split}.json").write_text(json.dumps(out, indent=1))
 
 

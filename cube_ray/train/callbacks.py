@@ -91,12 +91,13 @@ class EarlyStopping(Callback):
 
 class Curriculum(Callback):
     """Easy -> hard: the cube's step cap grows with competence over the warm-up epochs (samples are weighted by
-    CombinedLoss when LossConfig.curriculum is on)."""
+    CombinedLoss when LossConfig.curriculum is on). The cap is the student's `step_cap` buffer, so every score of
+    this epoch (rounds, the epoch's end) and its checkpoints run the steps it trained with."""
 
     def on_epoch_start(self, run):
         loss, cube = run.cfg.loss, run.cfg.cube
         c = competence(run.state.epoch, loss.curriculum_warmup, loss.curriculum_start) if loss.curriculum else 1.0
-        run.step_cap = step_cap(c, cube.min_steps, cube.max_steps)
+        run.student.step_cap.fill_(step_cap(c, cube.min_steps, cube.max_steps))
 
 
 class EvalSamples(Callback):

@@ -20,6 +20,7 @@ class Pairs:
     answers: list[str]
     q: dict[str, torch.Tensor]  # teacher -> (N, width)
     a: dict[str, torch.Tensor]
+    doc_ids: list[str] = dataclasses.field(default_factory=list)  # a whole split's: baselines validate by document
 
     def __len__(self) -> int:
         return len(next(iter(self.q.values())))  # from the tensors: a batch made by `take` carries no ids
@@ -34,13 +35,13 @@ class Pairs:
 def load_split(store: EmbeddingStore, dataset_id: str, split: str, specs: dict[str, TeacherSpec]) -> Pairs:
     """A whole split from the store (eval sets and baselines; training streams instead)."""
     folder = store.dataset_dir(dataset_id)
-    table = pq.read_table(Path(folder) / f"{split}.parquet", columns=["id", "question", "answer"])
+    table = pq.read_table(Path(folder) / f"{split}.parquet", columns=["id", "doc_id", "question", "answer"])
     q, a = {}, {}
     for name, spec in specs.items():
         qn, an = split_embeddings(folder, split, store.dataset_entry(dataset_id, spec))
         q[name], a[name] = torch.from_numpy(qn), torch.from_numpy(an)
     return Pairs(table.column("id").to_pylist(), table.column("question").to_pylist(),
-                 table.column("answer").to_pylist(), q, a)
+                 table.column("answer").to_pylist(), q, a, table.column("doc_id").to_pylist())
 
 
 def load_shard(iterator, teachers: list[str]) -> Pairs:

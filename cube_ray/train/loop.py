@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.data.split import selection_split
-from cube_ray.evaluate import student_metrics
+from cube_ray.evaluate import retrieval_agreement, student_metrics
 from cube_ray.experiment import DONE_TRAINING
 from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
@@ -43,11 +42,12 @@ from cube_ray.metrics import Centering
 from cube_ray.model import Student
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
-from cube_ray.train.batching import BatchSizer, is_oom, memory_budget_bytes
+from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
+from cube_ray.train.snapshot import build_student, check_resume_config, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import TrainState, seed_everything
+from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
@@ -65,7 +65,6 @@ class Run:
     out: Path
     rank: int
     eval_pairs: Pairs
-    step_cap: int | None = None
     stop: str = ""
     oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 
@@ -84,74 +83,6 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.schedule == "plateau":  # stepped once per epoch on the eval metric
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=2, factor=0.5)
     return None
-
-
-def task_pairs(cfg: TrainConfig, batch: Pairs, t: str) -> list[tuple[torch.Tensor, torch.Tensor, tuple[str, str]]]:
-    """(input, target, (from teacher, into teacher)) of a mode, for the loss weighted as teacher `t`.
-
-    dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
-    distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
-    """
-    q, a = batch.q[t], batch.a[t]
-    if cfg.mode == "distill":
-        return [(q, batch.a[u], (t, u)) for u in cfg.teachers]
-    dialogue, auto = (q, a, (t, t)), (torch.cat([q, a]), torch.cat([q, a]), (t, t))
-    return {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[cfg.mode]
-
-
-def batch_loss(run: Run, loss_fn: CombinedLoss, model, batch: Pairs, weight: float) -> tuple[torch.Tensor, dict]:
-    """The weighted multi-teacher loss of one micro-batch; `weight` = its share of the worker's batch."""
-    total, parts = 0.0, {}
-    teacher_w = run.student.weights()
-    for t in run.cfg.teachers:
-        pairs = task_pairs(run.cfg, batch, t)
-        for x, y, into in pairs:
-            out = model(x, into[0], max_steps=run.step_cap, into=into[1])
-            loss, p = loss_fn(out.output, y, expected_steps=out.expected_steps, question=x, epoch=run.state.epoch)
-            total = total + teacher_w[t] * loss / len(pairs)
-            p["steps"] = out.expected_steps.mean().item()
-            accumulate(parts, {f"{t}/{k}": v for k, v in p.items()}, 1 / len(pairs))
-    return total * weight, parts
-
-
-def accumulate(into: dict[str, float], parts: dict[str, float], weight: float) -> None:
-    """into[k] += weight * parts[k], for logging sums of loss parts over teachers, micro-batches and steps."""
-    for k, v in parts.items():
-        into[k] = into.get(k, 0.0) + weight * v
-
-
-def take(pairs: Pairs, idx: torch.Tensor) -> Pairs:
-    return Pairs([], [], [], {t: x[idx] for t, x in pairs.q.items()}, {t: x[idx] for t, x in pairs.a.items()})
-
-
-def train_step(run: Run, loss_fn, model, optimizer, sizer: BatchSizer, batch: Pairs) -> tuple[float, dict]:
-    """One optimiser step over this worker's share, in micro-batches; an OOM halves the micro-batch and retries."""
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            total, parts, n = 0.0, {}, len(batch)
-            chunks = list(range(0, n, sizer.micro))
-            for k, start in enumerate(chunks):
-                idx = torch.arange(start, min(n, start + sizer.micro))
-                if run.cfg.inject_oom_at_step == run.state.global_step and not run.oom_injected:
-                    run.oom_injected = True
-                    raise torch.OutOfMemoryError(f"injected at step {run.state.global_step}")
-                sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss, p = batch_loss(run, loss_fn, model, take(batch, idx), len(idx) / n)
-                    loss.backward()
-                total += loss.item()
-                accumulate(parts, p, len(idx) / n)
-            break
-        except (RuntimeError, MemoryError) as e:
-            if not is_oom(e):
-                raise
-            sizer.on_oom(e)
-    if run.cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
-    optimizer.step()
-    sizer.after_step()
-    return total, parts
 
 
 def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]:
@@ -248,7 +179,10 @@ def setup_worker(config: dict) -> Worker:
         if schedule is not None:
             schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["train_state"])
-        state.restore_rng()
+        if not state.restore_rng(rank):
+            log.warning("rank %d: the checkpoint holds no RNG state for this rank (it trained with fewer workers): "
+                        "seeded afresh, so this resume is not bit-exact", rank)
+            seed_everything(cfg.seed * 1000 + rank + 1 + state.global_step)
         log.info("rank %d: resumed from %s after epoch %d (step %d)", rank, snap.checkpoint.dir, state.epoch,
                  state.global_step)
     else:
@@ -258,8 +192,8 @@ def setup_worker(config: dict) -> Worker:
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
-        t0 = cfg.teachers[0]
-        sizer.probe(lambda n: model(shard.q[t0][:n], t0).output.sum(), probe_size=min(32, len(shard)))
+        sizer.probe(lambda n: probe_step(cfg, model, take(shard, torch.arange(n))), probe_size=min(32, len(shard)),
+                    parameters=list(student.parameters()))
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
     run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
@@ -274,9 +208,13 @@ def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str,
     """The selection metric on `pairs` (mean over teachers) and each teacher's metrics."""
     cfg, start = w.run.cfg, time.perf_counter()
     per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
-    key = "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
     w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
-    return float(np.mean([m[key] for m in per_teacher.values()])), per_teacher
+    return float(np.mean([m[selection_key(cfg)] for m in per_teacher.values()])), per_teacher
+
+
+def selection_key(cfg: TrainConfig) -> str:
+    """The per-teacher metric that picks models (and weighs teachers adaptively)."""
+    return "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
 
 
 def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = None) -> dict[str, float]:
@@ -299,13 +237,15 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
                "samples_per_s": sums["samples"] * w.world / max(sums["seconds"], 1e-9), "micro_batch": w.sizer.micro,
                "accumulation": w.sizer.accumulation, "lr": w.optimizer.param_groups[0]["lr"],
                "expected_steps": float(np.mean([sums["parts"][f"{t}/steps"] for t in cfg.teachers])),
+               "step_cap": int(student.step_cap),  # the steps it trained and is scored with (a curriculum's cap)
                "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
                "peak_rss_mb": max(_peak_rss_mb(w.world)), "time_s": state.seconds + elapsed}
     metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
     metrics.update({f"train/{k}": v for k, v in sums["parts"].items()})
     if cfg.weighting.mode == "adaptive":
-        weights = student.update_weights({t: 1 - per_teacher[t].get("cos", per_teacher[t].get("recon_cos", 0))
-                                          for t in cfg.teachers})
+        weights = student.update_weights({t: per_teacher[t][selection_key(cfg)] for t in cfg.teachers})
+    elif cfg.weighting.mode == "agreement":
+        weights = student.update_weights(retrieval_agreement(student, w.run.eval_pairs))
     else:
         weights = student.weights()
     metrics.update({f"weight/{t}": w_ for t, w_ in weights.items()})
@@ -500,6 +440,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
                               f"or choose another --out")
     if resume and not (out / "latest").exists():
         raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
+    if resume:
+        check_resume_config(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     data = data or prepare_run(cfg, store_root, registry)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from cube_ray.config import ConfigError, TrainConfig, from_dict, to_dict
+from cube_ray.config import ConfigError, TrainConfig, flatten, from_dict, load_yaml, to_dict
 from cube_ray.data.split import selection_split
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
@@ -45,6 +45,8 @@ class Snapshot:
 
 def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     ck = load_checkpoint(path, with_state=with_state)
+    if ck.format == 1 and isinstance(ck.config, dict) and isinstance(ck.config.get("cube"), dict):
+        ck.config["cube"].setdefault("residual", False)  # format 1's students were the cube alone
     try:
         cfg = from_dict(TrainConfig, ck.config, where=f"{ck.dir / 'config.yaml'}")
     except ConfigError as e:
@@ -52,6 +54,8 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     widths = {t: int(ck.data["widths"][t]) for t in cfg.teachers}
     student = build_student(cfg, widths)
     state = {k[len("student."):]: v for k, v in ck.weights.items() if k.startswith("student.")}
+    if ck.format == 1:
+        state.setdefault("step_cap", student.step_cap)  # format 1 evaluated every step, whatever it trained with
     try:
         student.load_state_dict(state)
     except RuntimeError as e:
@@ -59,6 +63,19 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     centres = {k[len("centre."):]: Centering(v.double().numpy()) for k, v in ck.weights.items() if k.startswith("centre.")}
     student.eval()
     return Snapshot(ck, cfg, student, centres)
+
+
+def check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume the run in `out` with another config than the one it trained with (its config.yaml),
+    naming every setting that differs: a resumed run continues the same training, or it is not exact."""
+    saved_at = out / "config.yaml"
+    if not saved_at.exists():
+        return
+    saved, now = flatten(to_dict(load_yaml(TrainConfig, saved_at))), flatten(to_dict(cfg))
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"--resume: {out} trained with another config ({saved_at}); differing: {'; '.join(differ)}. "
+                         "Resume with the same config (only --epochs-this-run may change), or train into a new --out")
 
 
 def check_widths(ck: Checkpoint, widths: dict[str, int], source: str) -> None:

@@ -26,16 +26,36 @@ class TrainState:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row of metrics per epoch
     rounds: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row per round (see Round)
     seconds: float = 0.0  # wall time of the epochs so far (training and validation), across resumes
-    rng: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rng: dict[str, Any] = dataclasses.field(default_factory=dict)  # every rank's RNG states, by rank ("0", "1", …)
 
     def capture_rng(self) -> None:
-        self.rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        """Every rank's RNG states (a collective call when several workers train: each rank draws its own cell
+        updates, so rank 0's state alone would not resume rank 1 exactly)."""
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        # plain values and tensors only: a checkpoint loads with torch.load(weights_only=True), which runs no code
+        mine = {"python": random.getstate(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+                "torch": torch.get_rng_state()}
+        states = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, mine)
+        self.rng = {str(rank): s for rank, s in enumerate(states)}
 
-    def restore_rng(self) -> None:
-        if self.rng:
-            random.setstate(self.rng["python"])
-            np.random.set_state(self.rng["numpy"])
-            torch.set_rng_state(self.rng["torch"])
+    def restore_rng(self, rank: int) -> bool:
+        """Restore this rank's RNG states; False if the checkpoint has none for it (it ran with fewer workers)."""
+        mine = self.rng.get(str(rank)) or (self.rng if "python" in self.rng and rank == 0 else None)  # format 1: rank 0's
+        if mine is None:
+            return False
+        random.setstate(_tuples(mine["python"]))
+        name, key, pos, has_gauss, gauss = mine["numpy"]
+        np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(mine["torch"])
+        return True
+
+
+def _tuples(value):
+    """random.setstate wants the nested tuples random.getstate gave, whatever a checkpoint turned them into."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def seed_everything(seed: int) -> None:

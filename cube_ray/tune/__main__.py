@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cube_ray.cli import add_data_args, data_config, setup_logging
+from cube_ray.cli import add_data_args, data_config, float_at_least, int_in, positive_int, setup_logging
 from cube_ray.config import SearchConfig
 
 # The bundled sample is cut to this many pairs per file by default: cold SmolLM2 extraction runs at ~12 texts/s on
@@ -31,27 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cube_ray.tune", description="Search the cube's architecture and "
                                 "loss weights with Ray Tune (Optuna TPE + ASHA); each trial trains with Ray Train.")
     p.add_argument("--space", default="stage247", help="a search space under search_spaces/ or a YAML path (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=SearchConfig.num_samples, help="trials (default: %(default)s)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs hold)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: %(default)s)")
-    p.add_argument("--cpus-per-worker", type=int, default=SearchConfig.cpus_per_worker,
+    p.add_argument("--num-samples", type=positive_int, default=SearchConfig.num_samples, help="trials (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--workers-per-trial", type=positive_int, default=1, help="Ray Train workers per trial (default: %(default)s)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=SearchConfig.cpus_per_worker,
                    help="CPUs of each Ray Train worker (default: %(default)s: on 2 cores, two 1-CPU trials at once beat one 2-CPU trial)")
     p.add_argument("--teachers", help="comma-separated teacher names (default: the space's base preset's)")
     p.add_argument("--name", help="experiment name: the folder under --out (default: <space>-<timestamp>; with "
                    "--resume, the newest experiment of --space under --out)")
     p.add_argument("--out", default="results", help="where experiments live (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (its saved settings win)")
-    p.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
+    p.add_argument("--time-budget-s", type=float_at_least(0.0), default=TIME_BUDGET_S,
                    help="stop the search (not extraction) after this many seconds; 0 = no limit (default: %(default)s)")
-    p.add_argument("--max-epochs", type=int, help="cap every trial's epochs, whatever the space samples (default: no cap)")
-    p.add_argument("--grace-samples", type=int, help="ASHA: training samples before a trial can be stopped "
+    p.add_argument("--max-epochs", type=positive_int, help="cap every trial's epochs, whatever the space samples (default: no cap)")
+    p.add_argument("--grace-samples", type=positive_int, help="ASHA: training samples before a trial can be stopped "
                    "(default: the space file's scheduler.grace_samples)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA reduction factor (default: the space file's)")
-    p.add_argument("--report-every-samples", type=int, help="a round: trials report to Tune every this many "
+    p.add_argument("--reduction-factor", type=int_in(2), help="ASHA reduction factor (default: the space file's)")
+    p.add_argument("--report-every-samples", type=positive_int, help="a round: trials report to Tune every this many "
                    "training samples (default: the space's base preset's report_every_samples)")
     p.add_argument("--continue-from", help="an earlier experiment folder of the same space: the new search's sampler "
                    "starts knowing its finished trials (not re-run)")
-    p.add_argument("--keep-checkpoints", type=int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
     add_data_args(p)
     args = p.parse_args(argv)
     setup_logging()
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         args.val_fraction = SAMPLE_VAL_FRACTION if args.val_fraction is None else args.val_fraction
         for key, value in SAMPLE_SCHEDULE.items():
             setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    args.limit = args.limit or None  # --limit 0: every pair
     if args.resume:
         name = args.name or newest_experiment(Path(args.out), Path(args.space).stem)
         if name is None:
@@ -76,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
             time_budget_s=args.time_budget_s or None, max_epochs=args.max_epochs, continue_from=args.continue_from,
             seed=args.seed)
+    try:
+        search.validate()  # every value checked before any work starts
+    except ValueError as e:
+        p.error(str(e))
     from cube_ray.tune.runner import run_search
 
     exp = run_search(search, address=args.address, resume=args.resume)

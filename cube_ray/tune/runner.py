@@ -22,11 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
-from cube_ray.config import ConfigError, SearchConfig, load_yaml, save_yaml
+from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
 from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text
 from cube_ray.train.timing import now, stamp
-from cube_ray.tune.space import SearchSpace, flatten, load_space
+from cube_ray.tune.space import SearchSpace, load_space
 from cube_ray.tune.study import copy_finished_trials, make_searcher
 
 log = logging.getLogger("cube_ray.tune")
@@ -76,7 +76,28 @@ def space_for(search: SearchConfig) -> SearchSpace:
     if search.teachers:
         base.teachers = list(search.teachers)
     base.validate()
+    check_warmup_fits(search, space, base.epochs)
     return dataclasses.replace(space, base=base)
+
+
+def check_warmup_fits(search: SearchConfig, space: SearchSpace, epochs: int) -> None:
+    """Refuse a space whose curriculum can warm up for as long as a trial trains: its step cap would never reach
+    max_steps, and the steps a model is scored with would be fewer than the space says."""
+    params = {p.name: p for p in space.params}
+
+    def values(name: str, default) -> list:
+        p = params.get(name)
+        if p is None:
+            return [default]
+        return [False, True] if p.type == "bool" else list(p.choices) or [p.low, p.high]
+
+    if True not in values("loss/curriculum", space.base.loss.curriculum):
+        return
+    longest = max(values("loss/curriculum_warmup", space.base.loss.curriculum_warmup))
+    if longest >= epochs:
+        raise ConfigError(f"search space {search.space!r}: loss/curriculum_warmup can be {longest:g} epochs but a trial "
+                          f"trains at most {epochs}: the curriculum's step cap would not reach cube/max_steps. Keep "
+                          f"the warm-up below {epochs} epochs, or give trials more (scheduler.epochs, --max-epochs)")
 
 
 def trial_epochs(search: SearchConfig, space: SearchSpace) -> int:
@@ -196,6 +217,20 @@ def concurrency(search: SearchConfig, space: SearchSpace) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
 
 
+def check_own_experiment(exp: Path) -> None:
+    """Ray Tune restores a search from its own pickles (tuner.pkl, the searcher's state), and unpickling runs code:
+    resume only experiments this user owns and no one else can write into."""
+    import os
+
+    info = exp.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"--resume: {exp} belongs to user id {info.st_uid}, not you ({os.getuid()}): Ray restores "
+                              "a search from pickles, which run code; resume only your own experiments")
+    if info.st_mode & 0o002:
+        raise PermissionError(f"--resume: {exp} is writable by everyone (mode {info.st_mode & 0o777:o}): anyone could "
+                              f"have replaced the pickles Ray restores from; chmod o-w {exp} if you trust its contents")
+
+
 def run_search(search: SearchConfig, address: str | None = None, resume: bool = False) -> Path:
     """Run (or with `resume`, continue) the search; returns the experiment folder holding report.md."""
     from cube_ray.cli import default_store, init_ray
@@ -210,6 +245,7 @@ def run_search(search: SearchConfig, address: str | None = None, resume: bool = 
     if resume:
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {saved} does not exist; nothing to resume")
+        check_own_experiment(exp)
         # the saved settings win; the folder is wherever the experiment is now
         search = dataclasses.replace(load_yaml(SearchConfig, saved), out=str(exp.parent), name=exp.name)
     elif saved.exists():

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from cube_ray.config import ConfigError, TrainConfig, from_dict, load_yaml, to_dict
+from cube_ray.config import ConfigError, TrainConfig, flatten, from_dict, load_yaml, to_dict
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 PRESETS = Path(__file__).resolve().parents[1] / "train" / "presets"
@@ -168,17 +168,6 @@ class SearchSpace:
 
 
 _MISSING = object()
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"cube": {"dims": v}} -> {"cube/dims": v}: Ray Tune nests names with '/'; this undoes it."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _field_type(name: str) -> Any:

@@ -125,4 +125,4 @@ def test_combined_loss_with_curriculum():
                                     "think", "combine"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(f"cube_ray.losses.{module}"))
-    assert result.failed == 0
+    assert result.attempted >= 1 and result.failed == 0  # every loss module shows an example, and it holds

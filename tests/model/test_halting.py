@@ -66,3 +66,28 @@ def test_timeout_zero_returns_an_output_flagged():
     assert run.output.shape == u.shape and torch.isfinite(run.output).all()
     torch.testing.assert_close(run.halt_probs.sum(1), torch.ones(3))
     assert not model(u, read_all, timeout=60.0).timed_out
+
+
+def test_a_trained_gate_halts_each_sample_at_its_own_step():
+    """Train the halting head alone: a thinking cost on one group of samples, a reward for steps on the other.
+    In one batch at inference the groups then halt at different steps, each as it would alone."""
+    model = ponder(min_steps=1, max_steps=6, update_prob=1.0).train()
+    g = torch.Generator().manual_seed(0)
+    u = 0.1 * torch.randn(16, 64, 4, generator=g)
+    u[:8, :, 0] += 1.0  # group A: think little
+    u[8:, :, 0] -= 1.0  # group B: think long
+    cost = torch.cat([torch.ones(8), -torch.ones(8)])
+    opt = torch.optim.Adam(model.halt.parameters(), lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        (cost * model(u, read_all).expected_steps).mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        run = model(u, read_all)
+        alone = [model(u[i:i + 1], read_all) for i in range(16)]
+    assert run.steps_run[:8].float().mean() + 3 <= run.steps_run[8:].float().mean()
+    assert len(set(run.steps_run.tolist())) >= 2
+    for i, one in enumerate(alone):  # a sample's halting does not depend on its batch-mates
+        assert one.steps_run.item() == run.steps_run[i].item()
+        torch.testing.assert_close(one.output[0], run.output[i])

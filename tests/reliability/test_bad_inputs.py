@@ -76,3 +76,52 @@ def test_a_one_megabyte_text_is_truncated_with_a_warning(tmp_path, caplog, relia
     assert len(stored["p2"]) == 2000
     reliability(outcome="kept, answer cut to 2,000 characters; a warning names the file and the pair; "
                         "the manifest counts 1 truncated", lost="none (all 6 pairs kept)")
+
+
+FLAGS = [  # (entry point, argv, the message argparse must print)
+    ("extract", ["--teachers", ""], r"argument --teachers: expected comma-separated teacher names, got ''"),
+    ("extract", ["--concurrency", "0"], r"argument --concurrency: expected an integer >= 1, got 0"),
+    ("extract", ["--batch-size", "-1"], r"argument --batch-size: expected an integer >= 1, got -1"),
+    ("extract", ["--limit", "-3"], r"argument --limit: expected an integer >= 0, got -3"),
+    ("train", ["--epochs-this-run", "0"], r"argument --epochs-this-run: expected an integer >= 1, got 0"),
+    ("train", ["--seed", str(2**47)], r"argument --seed: expected an integer in \[0, 4294967295\], got 140737488355328"),
+    ("tune", ["--time-budget-s", "-5"], r"argument --time-budget-s: expected a number >= 0, got -5"),
+    ("tune", ["--name", "../x"], r"name must be a folder name inside --out \(no '/', not '.' or '..'\), got '../x'"),
+    ("tune", ["--name", "/tmp/elsewhere"], r"name must be a folder name inside --out"),
+    ("tune", ["--reduction-factor", "1"], r"argument --reduction-factor: expected an integer >= 2, got 1"),
+    ("infer", ["ck", "When?", "--k", "0"], r"argument --k: expected an integer >= 1, got 0"),
+    ("infer", ["ck", "When?", "--timeout-s", "-1"], r"argument --timeout-s: expected a number > 0, got -1"),
+    ("infer", ["ck", "   "], r"argument question: expected a question, got an empty text"),
+]
+
+
+@pytest.mark.parametrize("entry, argv, message", FLAGS, ids=[" ".join([e, *a]) for e, a, _ in FLAGS])
+def test_a_bad_flag_is_refused_naming_it_before_any_work(entry, argv, message, tmp_path, monkeypatch, capsys,
+                                                         reliability):
+    import importlib
+    import re
+
+    reliability(scenario=f"bad flag: python -m cube_ray.{entry} {' '.join(argv)}", done="argument parsing")
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module({"train": "cube_ray.train.__main__", "tune": "cube_ray.tune.__main__"}
+                                   .get(entry, f"cube_ray.{entry}")).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing started
+    reliability(outcome="exit 2, the flag and the expected range named", lost="nothing")
+
+
+def test_config_values_out_of_range_are_refused():
+    from cube_ray.config import InferConfig, TrainConfig
+
+    for bad, message in [(dict(lr=float("nan")), "lr must be a positive number, got nan"),
+                         (dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
+                         (dict(grad_clip=-1.0), "grad_clip must be a number >= 0"),
+                         (dict(memory_budget_mb=0), "memory_budget_mb must be at least 1"),
+                         (dict(seed=2**47), r"seed must be in \[0, 2\*\*32 - 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()
+    for bad, message in [(dict(k=0), "k must be at least 1"), (dict(timeout_s=-1.0), "timeout_s must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            InferConfig(**bad).validate()

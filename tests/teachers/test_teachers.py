@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,11 +52,17 @@ def test_minilm_is_real_and_semantic():
     assert emb[0] @ emb[1] > 0.6 > 0.2 > emb[0] @ emb[2]
 
 
-def test_smollm2_loads_from_gguf():
+def test_smollm2_loads_from_gguf_and_embeds_as_the_committed_reference():
+    """smollm2_reference.json: these texts embedded once (with the versions it names); a change of loading,
+    dequantisation, tokenisation or pooling shows here."""
+    reference = json.loads((Path(__file__).parent / "smollm2_reference.json").read_text())
     teacher = Teacher(get_teacher("smollm2"))
-    emb = teacher.embed(TEXTS)
-    assert emb.shape == (3, 576) and np.isfinite(emb).all()
-    assert type(teacher.model).__name__ == "LlamaModel"
+    emb = teacher.embed(reference["texts"])
+    assert emb.shape == (3, 576) and type(teacher.model).__name__ == "LlamaModel"
+    expected = np.array(reference["embeddings"])
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-3)
+    cos = (emb * expected).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99999
 
 
 def test_unknown_teacher_lists_known_ones(reliability):
@@ -96,3 +105,22 @@ def test_fingerprint_tracks_what_changes_embeddings():
     b = TeacherSpec(**{**a.__dict__, "name": "renamed"})
     c = TeacherSpec(**{**a.__dict__, "max_length": 128})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("source", ["package:evilpkg", "package:evilpkg.model"])
+def test_a_package_source_is_found_without_importing_anything(tmp_path, monkeypatch, source, reliability):
+    """A package of that name in the working directory (first on sys.path under `python -m`) must not run."""
+    reliability(scenario=f"teacher YAML `source: {source}` with evilpkg/__init__.py in the working directory",
+                done="TeacherSpec.resolve (extract, train, tune, infer on a checkpoint's teachers.yaml)")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evilpkg" / "model").mkdir(parents=True)
+    (tmp_path / "evilpkg" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "evilpkg" / "model" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = TeacherSpec(name="evil", family="bert", source=source, pooling="mean", max_length=32, dtype="float32", width=8)
+    expected = "is not installed" if source == "package:evilpkg" else "name a top-level package"
+    with pytest.raises(TeacherError, match=expected):
+        spec.resolve()
+    assert not marker.exists()
+    reliability(outcome=f"TeacherError ({expected}); nothing imported", lost="nothing")

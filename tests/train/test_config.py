@@ -31,3 +31,24 @@ def test_presets_exist():
 def test_bad_config_names_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(TrainConfig, data)
+
+
+def test_an_empty_or_torn_config_is_an_error_naming_the_file(tmp_path, reliability):
+    reliability(scenario="torn config: an empty search.yaml / config.yaml (a write cut short)", done="load_yaml")
+    path = tmp_path / "search.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=rf"{path}: empty \(a torn write\?\); expected a mapping of TrainConfig"):
+        load_yaml(TrainConfig, path)
+    path.write_text("epochs: 3\nlr: [")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid YAML"):
+        load_yaml(TrainConfig, path)
+    reliability(outcome="ConfigError naming the file; no run on all-default settings", lost="nothing")
+
+
+def test_save_yaml_replaces_a_file_whole(tmp_path):
+    from cube_ray.config import save_yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml(TrainConfig(epochs=3), path)
+    save_yaml(TrainConfig(epochs=5), path)
+    assert load_yaml(TrainConfig, path).epochs == 5 and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

@@ -70,7 +70,8 @@ def test_a_val_split_picks_the_model_and_eval_stays_unseen(store, tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_equals_an_uninterrupted_run(store, tmp_path, workers):
-    cfg = small(epochs=4, schedule="cosine", workers=workers)
+    # the default update_prob (0.5): every rank draws its own cell updates, so every rank's RNG must resume
+    cfg = small(epochs=4, schedule="cosine", workers=workers, cube=dataclasses.replace(small().cube, update_prob=0.5))
     whole = fit(cfg, store, tmp_path / "whole")
     first = fit(cfg, store, tmp_path / "split", stop_after=2)
     assert len(first.history) == 2
@@ -81,24 +82,54 @@ def test_resume_equals_an_uninterrupted_run(store, tmp_path, workers):
         assert a["eval"] == pytest.approx(b["eval"], abs=1e-5) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_a_curriculum_scores_every_epoch_with_the_steps_it_trained_with(store, tmp_path):
+    """Warm-up 2 from competence 0: caps 1, 2, 3 over three epochs; each epoch's score and its checkpoint run its cap."""
+    loss = LossConfig(cosine=1.0, think=0.01, curriculum=True, curriculum_warmup=2, curriculum_start=0.0)
+    result = fit(small(epochs=3, loss=loss, patience=0), store, tmp_path / "run")
+    assert [h["step_cap"] for h in result.history] == [1, 2, 3]
+    assert all(h["minilm/steps"] <= h["step_cap"] for h in result.history)
+    assert result.history[0]["minilm/steps"] == 1.0  # capped at one step, whatever the gate says
+    best = load_for_eval(tmp_path / "run" / "best_eval")
+    picked = max(result.history, key=lambda h: h["eval"])
+    assert int(best.student.step_cap) == picked["step_cap"]  # evaluate runs the picked epoch's steps
+    assert student_metrics(best.student, best.held_out)["minilm"]["steps"] <= picked["step_cap"]
+
+
+def test_a_resume_with_another_config_is_refused_naming_what_differs(store, baseline):
+    before = (baseline.out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"trained with another config .*differing: lr: 0.003 -> 0.01; seed: 7 -> 8\."):
+        fit(small(lr=1e-2, seed=8), store, baseline.out, resume=True)
+    assert (baseline.out / "config.yaml").read_text() == before  # refused before anything is written
+
+
 def test_fresh_run_refuses_to_overwrite(store, baseline):
     with pytest.raises(FileExistsError, match="pass --resume"):
         fit(small(), store, baseline.out)
 
 
-def test_memory_budget_forces_a_shrink_with_the_same_effective_batch(store, baseline, tmp_path):
-    result = fit(small(memory_budget_mb=1), store, tmp_path / "tight")
+CONTRASTIVE = LossConfig(cosine=1.0, infonce=0.5, triplet=0.2, think=0.01)  # whole-batch terms: the split must not show
+
+
+@pytest.fixture(scope="module")
+def contrastive(store, tmp_path_factory):
+    return fit(small(loss=CONTRASTIVE), store, tmp_path_factory.mktemp("contrastive"))
+
+
+def test_memory_budget_forces_a_shrink_with_the_same_effective_batch(store, contrastive, tmp_path):
+    result = fit(small(loss=CONTRASTIVE, memory_budget_mb=1), store, tmp_path / "tight")
     assert any("probe" in d and "-> 1:" in d for d in result.batch_decisions)
     assert result.history[-1]["micro_batch"] == 1 and result.history[-1]["accumulation"] == 32
-    assert close(weights(baseline.out / "latest"), weights(tmp_path / "tight" / "latest"), 1e-4)
-    assert result.history[-1]["eval"] == pytest.approx(baseline.history[-1]["eval"], abs=1e-3)
+    assert close(weights(contrastive.out / "latest"), weights(tmp_path / "tight" / "latest"), 1e-4)
+    assert result.history[-1]["eval"] == pytest.approx(contrastive.history[-1]["eval"], abs=1e-3)
+    assert result.history[-1]["train/minilm/infonce"] == pytest.approx(contrastive.history[-1]["train/minilm/infonce"],
+                                                                       abs=1e-4)  # over 32, not 32 batches of one
 
 
-def test_injected_oom_is_survived(store, baseline, tmp_path):
-    result = fit(small(inject_oom_at_step=3), store, tmp_path / "oom")
+def test_injected_oom_is_survived(store, contrastive, tmp_path):
+    result = fit(small(loss=CONTRASTIVE, inject_oom_at_step=3), store, tmp_path / "oom")
     assert any("out of memory (injected at step 3); retrying the step" in d for d in result.batch_decisions)
     assert len(result.history) == 2 and result.history[-1]["micro_batch"] == 16
-    assert close(weights(baseline.out / "latest"), weights(tmp_path / "oom" / "latest"), 1e-4)
+    assert close(weights(contrastive.out / "latest"), weights(tmp_path / "oom" / "latest"), 1e-4)
 
 
 def test_early_stopping_fires(store, tmp_path):
@@ -111,6 +142,24 @@ def test_other_modes_train(store, tmp_path, mode):
     result = fit(small(mode=mode, epochs=1), store, tmp_path / mode)
     key = "minilm/recon_cos" if mode == "autoencoder" else "minilm/mrr"
     assert len(result.history) == 1 and result.history[0][key] > 0
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "agreement"])
+def test_teacher_weights_follow_each_teachers_score_on_the_picking_split(store, tmp_path, mode):
+    from cube_ray.model import WeightingConfig
+    from cube_ray.teachers import load_registry
+    from tests.conftest import make_tiny_teacher
+
+    registry = {**load_registry(), "tiny-llama": make_tiny_teacher(tmp_path / "tiny", "llama")}
+    result = fit(small(teachers=["minilm", "tiny-llama"], epochs=1, weighting=WeightingConfig(mode=mode, temperature=0.1)),
+                 store, tmp_path / mode, registry=registry)
+    row = result.history[0]
+    if mode == "adaptive":  # softmax(MRR / temperature): the teacher the student retrieves best in weighs most
+        expected = torch.softmax(torch.tensor([row["minilm/mrr"], row["tiny-llama/mrr"]]) / 0.1, 0).tolist()
+        assert row["minilm/mrr"] != pytest.approx(row["tiny-llama/mrr"], abs=0.01)
+    else:  # two teachers agree with each other as much as the other way round
+        expected = [0.5, 0.5]
+    assert [row["weight/minilm"], row["weight/tiny-llama"]] == pytest.approx(expected, abs=1e-6)
 
 
 def test_distill_mode_with_two_teachers(store, tmp_path):

@@ -95,7 +95,7 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     capsys.readouterr()
     assert evaluate([str(best), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge"}
+    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
     assert table["minilm"]["model"]["mrr"] == pytest.approx(figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
 
 
@@ -276,3 +276,19 @@ def test_killed_driver_resumes_keeping_finished_trials(cluster, store, tmp_path,
     reliability(outcome=f"--resume finished all 3 trials; the interrupted one continued after epoch {same} "
                         f"(rows identical); retention bounded", lost=f"none ({len(done_before)} finished trial(s) "
                         f"kept unchanged, none re-run)")
+
+
+def test_resume_refuses_an_experiment_others_can_write_into(tmp_path, reliability):
+    """Ray restores a search from pickles (tuner.pkl, the searcher's state): only from folders this user controls."""
+    from cube_ray.config import save_yaml
+
+    reliability(scenario="--resume of a world-writable experiment folder (Ray's pickles could have been replaced)",
+                done="run_search(resume=True), before Ray starts")
+    exp = tmp_path / "out" / "shared"
+    exp.mkdir(parents=True)
+    save_yaml(SearchConfig(space="smoke", out=str(tmp_path / "out"), name="shared"), exp / "search.yaml")
+    (exp / "tuner.pkl").write_bytes(b"not to be unpickled")
+    exp.chmod(0o777)
+    with pytest.raises(PermissionError, match=r"writable by everyone \(mode 777\).*chmod o-w"):
+        run_search(SearchConfig(out=str(tmp_path / "out"), name="shared"), resume=True)
+    reliability(outcome="PermissionError naming the folder and its mode; nothing unpickled", lost="nothing")

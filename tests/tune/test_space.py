@@ -1,6 +1,3 @@
-
-import dataclasses
-
 import optuna
 import pytest
 
@@ -114,6 +111,16 @@ def test_epochs_are_the_schedulers_budget_and_max_epochs_caps_it():
         assert trial_config(params, space_for(free)).epochs == 6
     with pytest.raises(ConfigError, match=r"max_epochs must be at least 1, got 0"):
         from_dict(SearchConfig, {"max_epochs": 0})
+
+
+def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
+    assert trial_config(sample(space_for(SearchConfig(max_epochs=3)), 1, seed=0)[0], space_for(SearchConfig(max_epochs=3)))
+    with pytest.raises(ConfigError, match=r"'stage247': loss/curriculum_warmup can be 2 epochs but a trial trains at "
+                                          r"most 2: .* not reach cube/max_steps"):
+        space_for(SearchConfig(max_epochs=2))  # stage247's warm-ups are 1-2 epochs
+    with pytest.raises(ConfigError, match=r"'stage24': loss/curriculum_warmup can be 5 epochs but a trial trains at most 5"):
+        space_for(SearchConfig(space="stage24", max_epochs=5))  # the base preset's warm-up, curriculum always on
+    assert space_for(SearchConfig(space="smoke", max_epochs=1))  # no curriculum: any budget
 
 
 def test_sampler_and_scheduler_come_from_the_space_file_and_the_command_wins():

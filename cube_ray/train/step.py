@@ -1,0 +1,188 @@
+"""One optimiser step: a worker's share of the global batch forward, the loss over the whole batch, backward.
+
+What a step optimises does not depend on how it is computed:
+- **Across workers**, the contrastive terms (InfoNCE, triplet) rank each prediction against every target of the
+  global batch: the targets are teacher embeddings (constants), so each worker gathers the others' targets as extra
+  negatives and no gradient has to cross workers (sentence-transformers' `gather_across_devices` does the same).
+  Each worker's loss is the mean over its own samples and DDP averages the gradients, so with equal shares the
+  step is the one-worker step over the global batch.
+- **Across micro-batches**, when the batch sizer splits a share to fit in memory, the loss is still computed over
+  the whole share with the gradient cache (Gao et al. 2021, "Scaling deep contrastive learning batch size under
+  memory limited setup"): every micro-batch runs forward without a graph, the loss over all their predictions
+  gives the gradient with respect to each prediction, then each micro-batch runs forward again, with the same
+  random cell updates (its RNG state replayed), and backpropagates its slice of that gradient. It costs one extra
+  forward pass, and only when the share is split.
+
+The diversity term (predictions' mean pairwise cosine) is whole-share, not global: it needs the others'
+predictions with their gradients. The curriculum weights each worker's share on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from cube_ray.config import TrainConfig
+from cube_ray.losses.combine import CombinedLoss
+from cube_ray.train.batching import BatchSizer, is_oom
+from cube_ray.train.data import Pairs
+
+if TYPE_CHECKING:
+    from cube_ray.train.loop import Run
+
+
+@dataclasses.dataclass
+class Task:
+    """One prediction of a mode, for the loss weighted as teacher `teacher`: x (in `route[0]`'s space) -> y (in
+    `route[1]`'s)."""
+
+    teacher: str
+    x: torch.Tensor
+    y: torch.Tensor
+    route: tuple[str, str]
+
+
+@dataclasses.dataclass
+class Predicted:
+    output: torch.Tensor  # (N, width of route[1])
+    steps: torch.Tensor  # (N,) the halting distribution's expected steps
+
+
+def tasks(cfg: TrainConfig, batch: Pairs) -> list[Task]:
+    """The mode's tasks for every teacher.
+
+    dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
+    distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
+    """
+    out = []
+    for t in cfg.teachers:
+        q, a = batch.q[t], batch.a[t]
+        if cfg.mode == "distill":
+            out += [Task(t, q, batch.a[u], (t, u)) for u in cfg.teachers]
+            continue
+        dialogue, auto = Task(t, q, a, (t, t)), Task(t, torch.cat([q, a]), torch.cat([q, a]), (t, t))
+        out += {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[cfg.mode]
+    return out
+
+
+def predict(model, todo: list[Task]) -> list[Predicted]:
+    outs = [model(task.x, task.route[0], into=task.route[1]) for task in todo]
+    return [Predicted(o.output, o.expected_steps) for o in outs]
+
+
+def gather_targets(y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every worker's targets in rank order (one worker: `y` itself), and where this worker's start among them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return y, 0
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(y)]))
+    longest = int(max(sizes))  # shares may differ by one sample: pad to the longest, then cut
+    padded = [torch.zeros(longest, *y.shape[1:], dtype=y.dtype) for _ in sizes]
+    dist.all_gather(padded, torch.cat([y, y.new_zeros(longest - len(y), *y.shape[1:])]))
+    rank = dist.get_rank()
+    return torch.cat([p[:int(n)] for p, n in zip(padded, sizes)]), int(sum(sizes[:rank]))
+
+
+def share_loss(run: Run, loss_fn: CombinedLoss, todo: list[Task], preds: list[Predicted]) -> tuple[torch.Tensor, dict]:
+    """The weighted multi-teacher loss of this worker's share, its contrastive terms over the global batch."""
+    total, parts = 0.0, {}
+    teacher_w = run.student.weights()
+    per_teacher = {t: sum(task.teacher == t for task in todo) for t in run.cfg.teachers}
+    for task, pred in zip(todo, preds):
+        candidates, offset = gather_targets(task.y)
+        loss, p = loss_fn(pred.output, task.y, expected_steps=pred.steps, question=task.x, epoch=run.state.epoch,
+                          candidates=candidates, offset=offset)
+        n = per_teacher[task.teacher]
+        total = total + teacher_w[task.teacher] * loss / n
+        p["steps"] = pred.steps.mean().item()
+        accumulate(parts, {f"{task.teacher}/{k}": v for k, v in p.items()}, 1 / n)
+    return total, parts
+
+
+def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, batch: Pairs) -> tuple[float, dict]:
+    """Backpropagate the share's loss into the parameters' .grad, in micro-batches of `micro` (gradient cache)."""
+    if micro >= len(batch):
+        _maybe_inject_oom(run)
+        todo = tasks(run.cfg, batch)
+        total, parts = share_loss(run, loss_fn, todo, predict(model, todo))
+        total.backward()
+        return total.item(), parts
+    chunks = [take(batch, torch.arange(s, min(len(batch), s + micro))) for s in range(0, len(batch), micro)]
+    replay, cached = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            _maybe_inject_oom(run)
+            replay.append(torch.get_rng_state())
+            cached.append(predict(model, tasks(run.cfg, chunk)))
+    after = torch.get_rng_state()
+    per_chunk = [tasks(run.cfg, chunk) for chunk in chunks]
+    whole = [dataclasses.replace(task, x=torch.cat([c[j].x for c in per_chunk]), y=torch.cat([c[j].y for c in per_chunk]))
+             for j, task in enumerate(per_chunk[0])]
+    leaves = [Predicted(torch.cat([c[j].output for c in cached]).requires_grad_(),
+                        torch.cat([c[j].steps for c in cached]).requires_grad_()) for j in range(len(whole))]
+    total, parts = share_loss(run, loss_fn, whole, leaves)
+    total.backward()  # d loss / d prediction, for every prediction of the share
+    starts = [0] * len(whole)
+    for k, chunk in enumerate(chunks):
+        torch.set_rng_state(replay[k])  # the same random cell updates as the forward pass above
+        sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            surrogate = 0.0
+            for j, pred in enumerate(predict(model, per_chunk[k])):
+                rows = slice(starts[j], starts[j] + len(pred.output))
+                starts[j] = rows.stop
+                for value, leaf in ((pred.output, leaves[j].output), (pred.steps, leaves[j].steps)):
+                    if leaf.grad is not None:
+                        surrogate = surrogate + (value * leaf.grad[rows]).sum()
+            surrogate.backward()
+    torch.set_rng_state(after)
+    return total.item(), parts
+
+
+def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSizer, batch: Pairs) -> tuple[float, dict]:
+    """One optimiser step over this worker's share; an out-of-memory error halves the micro-batch and retries."""
+    start = torch.get_rng_state()
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            total, parts = accumulate_gradients(run, loss_fn, model, sizer.micro, batch)
+            break
+        except (RuntimeError, MemoryError) as e:
+            if not is_oom(e):
+                raise
+            sizer.on_oom(e)
+            torch.set_rng_state(start)  # the retry draws the same cell updates
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
+    optimizer.step()
+    sizer.after_step()
+    return total, parts
+
+
+def probe_step(cfg: TrainConfig, model, batch: Pairs) -> None:
+    """Forward and backward of every task of the mode on `batch`, as a step runs them (the batch sizer's probe);
+    it leaves no gradients behind."""
+    preds = predict(model, tasks(cfg, batch))
+    sum(p.output.sum() + p.steps.sum() for p in preds).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def _maybe_inject_oom(run: Run) -> None:
+    """TrainConfig.inject_oom_at_step: one simulated out-of-memory error, for the tests of the retry."""
+    if run.cfg.inject_oom_at_step == run.state.global_step and not run.oom_injected:
+        run.oom_injected = True
+        raise torch.OutOfMemoryError(f"injected at step {run.state.global_step}")
+
+
+def accumulate(into: dict[str, float], parts: dict[str, float], weight: float) -> None:
+    """into[k] += weight * parts[k], for logging sums of loss parts over teachers and steps."""
+    for k, v in parts.items():
+        into[k] = into.get(k, 0.0) + weight * v
+
+
+def take(pairs: Pairs, idx: torch.Tensor) -> Pairs:
+    return Pairs([], [], [], {t: x[idx] for t, x in pairs.q.items()}, {t: x[idx] for t, x in pairs.a.items()})
