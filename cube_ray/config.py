@@ -308,5 +308,5 @@ class InferConfig:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.timeout_s is not None and not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive (or unset: no timeout), got {self.timeout_s}")
+        if self.timeout_s is not None and not 0 <= self.timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be a number >= 0 (or unset: no timeout), got {self.timeout_s}")

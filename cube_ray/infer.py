@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank", help="answers: a .txt file (one per line) or a pairs file (default: the training answers)")
     p.add_argument("--k", type=positive_int, default=5, help="answers to show (default: %(default)s)")
     p.add_argument("--teacher", help="which of the checkpoint's teachers embeds the question (default: the first)")
-    p.add_argument("--timeout-s", type=float_at_least(0.0, strict=True), default=5.0,
-                   help="stop the cube's steps after this many seconds (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float_at_least(0.0), default=5.0,
+                   help="stop the cube's steps after this many seconds; 0: after the first (default: %(default)s)")
     p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
     if not args.question.strip():

@@ -431,6 +431,7 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
     # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
+    cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
     out = Path(out).resolve()
     recover_swap(out / "latest")
     for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):

@@ -55,8 +55,10 @@ def test_lost_node_trial_resumes_on_the_remaining_node(cluster, tmp_path, reliab
     space.write_text(yaml.safe_dump({"base": "smoke", "scheduler": {"epochs": EPOCHS}, "params": {
         "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}}}))
     exp, log = tmp_path / "out" / "nodes", tmp_path / "driver.log"
+    # ASHA's first rung beyond any trial's budget (an epoch of the smoke preset is more than 300 samples: its steps
+    # wrap the shard), so neither trial is stopped at a rung and both must finish
     cmd = [sys.executable, "-m", "cube_ray.tune", "--space", str(space), "--num-samples", "2", "--max-concurrent", "2",
-           "--grace-samples", str(EPOCHS * 300), "--name", "nodes", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"),
+           "--grace-samples", str(EPOCHS * 10_000), "--name", "nodes", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"),
            "--limit", "300", "--address", cluster.address, "--seed", "1"]
     with open(log, "w") as f:
         driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -70,8 +72,14 @@ def test_lost_node_trial_resumes_on_the_remaining_node(cluster, tmp_path, reliab
 
     trials = lambda: sorted(p.parent for p in exp.glob(f"trial_*/{TRIAL}"))  # noqa: E731
     with_checkpoint = lambda: [t for t in trials() if epochs_done(t)]  # noqa: E731  (an epoch in latest/)
-    wait_for(lambda: len(trials()) == 2 and len(with_checkpoint()) == 1)  # one trial trains on the 1-CPU head
-    (on_head,) = with_checkpoint()
+    seen = []  # what the condition saw: a second look can fall inside a swap of latest/ and read no epoch
+
+    def one_has_trained():
+        seen[:] = with_checkpoint()
+        return len(trials()) == 2 and len(seen) == 1
+
+    wait_for(one_has_trained)  # one trial trains on the 1-CPU head
+    (on_head,) = seen
     worker = cluster.add_node(num_cpus=1)
     wait_for(lambda: len(with_checkpoint()) == 2)  # the other one has trained an epoch on the new node
     nodes = train_worker_nodes()
