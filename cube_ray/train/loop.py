@@ -39,34 +39,19 @@ from cube_ray.experiment import DONE_TRAINING
 from cube_ray.fsutil import recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
-from cube_ray.model import Student
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.snapshot import build_student, check_resume_config, check_widths, resume_snapshot, save_snapshot
-from cube_ray.train.state import TrainState, seed_everything
+from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 SNAPSHOT_PREFIX = ".tmp-snapshot-"  # a save in progress inside the run folder (a killed save leaves one: fit removes it)
-
-
-@dataclasses.dataclass
-class Run:
-    """What the callbacks see."""
-
-    cfg: TrainConfig
-    student: Student
-    state: TrainState
-    out: Path
-    rank: int
-    eval_pairs: Pairs
-    stop: str = ""
-    oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:

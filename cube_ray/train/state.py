@@ -1,12 +1,18 @@
-"""TrainState: everything besides the weights that a resumed run needs to continue exactly where it stopped."""
+"""TrainState: everything besides the weights that a resumed run needs to continue exactly where it stopped; Run:
+what a worker's step and its callbacks see of the run."""
 from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from cube_ray.config import TrainConfig
+from cube_ray.model import Student
+from cube_ray.train.data import Pairs
 
 
 @dataclasses.dataclass
@@ -51,6 +57,20 @@ class TrainState:
         np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(mine["torch"])
         return True
+
+
+@dataclasses.dataclass
+class Run:
+    """What a worker's training step and its callbacks see."""
+
+    cfg: TrainConfig
+    student: Student
+    state: TrainState
+    out: Path
+    rank: int
+    eval_pairs: Pairs
+    stop: str = ""
+    oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 
 
 def _tuples(value):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 
@@ -29,9 +27,7 @@ from cube_ray.config import TrainConfig
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.train.batching import BatchSizer, is_oom
 from cube_ray.train.data import Pairs
-
-if TYPE_CHECKING:
-    from cube_ray.train.loop import Run
+from cube_ray.train.state import Run
 
 
 @dataclasses.dataclass

@@ -10,9 +10,8 @@ from cube_ray.config import TrainConfig
 from cube_ray.losses import CombinedLoss
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.train.data import Pairs
-from cube_ray.train.loop import Run
 from cube_ray.train.snapshot import build_student
-from cube_ray.train.state import TrainState
+from cube_ray.train.state import Run, TrainState
 from cube_ray.train.step import Predicted, accumulate_gradients, predict, share_loss, take, tasks
 
 WIDTH = 24
