@@ -74,10 +74,10 @@ def comparison(student: Student, train: Pairs, held_out: Pairs, seed: int = 0) -
 def format_table(table: dict[str, dict[str, dict]]) -> str:
     lines = []
     for teacher, rows in table.items():
-        lines.append(f"\n{teacher}\n{'':<12} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}")
+        lines.append(f"\n{teacher}\n{'':<15} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}")
         for name in ROWS:
             m = rows[name]
-            lines.append(f"{name:<12} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}")
+            lines.append(f"{name:<15} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}")
         lines.append(verdict(rows))
     return "\n".join(lines)
 
