@@ -6,11 +6,8 @@ import logging
 import math
 import os
 
-from cube_ray.config import DataConfig
+from cube_ray.config import MAX_SEED, DataConfig
 from cube_ray.teachers.model import cache_dir
-
-
-MAX_SEED = 2**32 - 1  # seeds are mixed with epochs and ranks into 64-bit generator seeds: larger ones overflow
 
 
 def int_in(low: int, high: int | None = None):
@@ -27,15 +24,15 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
-def float_at_least(low: float, strict: bool = False):
-    """An argparse `type`: a finite number >= low (> low when strict)."""
+def float_at_least(low: float):
+    """An argparse `type`: a finite number >= low."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text}")
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text}")
         return value
     return parse
 

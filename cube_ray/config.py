@@ -17,6 +17,9 @@ import yaml
 T = TypeVar("T")
 
 
+MAX_SEED = 2**32 - 1  # seeds are mixed with epochs and ranks into 64-bit generator seeds: larger ones overflow
+
+
 class ConfigError(ValueError):
     """A config file or dict does not match its dataclass."""
 
@@ -231,7 +234,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
             raise ValueError(f"memory_budget_mb must be at least 1 (or unset: measured), got {self.memory_budget_mb}")
-        if not 0 <= self.seed <= 2**32 - 1:
+        if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.loss.curriculum and self.loss.curriculum_warmup >= self.epochs:
             raise ValueError(f"loss.curriculum_warmup ({self.loss.curriculum_warmup}) must be below epochs "
