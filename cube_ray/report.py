@@ -112,8 +112,12 @@ def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
 PHASES = {
     "proposed -> trial running (Tune scheduling, trial actor start)": lambda t, tr, w: tr["start"] - t.proposed_at,
     "trial running -> Train run asked for (config, folders)": lambda t, tr, w: tr["fit_start"] - tr["start"],
-    "Train controller + worker group start": lambda t, tr, w: w["start"] - tr["fit_start"],
-    "worker setup (shard hand-over, picking split, model, batch probe)": lambda t, tr, w: w["setup_done"] - w["start"],
+    # a worker process Ray started before the run (an idle pooled one) counts from the run's start
+    "Train controller and worker group start -> worker process": lambda t, tr, w: max(0.0, w["process_start"] - tr["fit_start"]),
+    "worker process -> training function (imports, Train worker setup)": lambda t, tr, w: w["start"] - max(w["process_start"], tr["fit_start"]),
+    "worker setup: data (train shard hand-over, picking split)": lambda t, tr, w: w["data_done"] - w["start"],
+    "worker setup: student, optimiser, resume": lambda t, tr, w: w["model_done"] - w["data_done"],
+    "worker setup: batch probe": lambda t, tr, w: w["setup_done"] - w["model_done"],
     "setup -> first report (training, scoring, checkpoint)": lambda t, tr, w: w["first_report"] - w["setup_done"],
     "scoring (rounds' slice and epochs' whole split)": lambda t, tr, w: w.get("score_s", 0.0),
     "checkpoints and reports": lambda t, tr, w: w.get("checkpoint_s", 0.0),

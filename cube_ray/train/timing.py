@@ -1,8 +1,9 @@
 """Where a run's wall time goes: wall-clock stamps and summed seconds in `<out>/timing.json`.
 
     {"trial": {"start": t, "fit_start": t, "fit_end": t},            written by a search's trial driver
-     "worker": {"start": t, "setup_done": t, "first_report": t, "last_report": t,
-                "score_s": s, "checkpoint_s": s, "reports": n}}      written by rank 0 at every report
+     "worker": {"process_start": t, "start": t, "data_done": t, "model_done": t, "setup_done": t,
+                "first_report": t, "last_report": t, "score_s": s, "checkpoint_s": s, "reports": n}}
+                                                                      written by rank 0 at every report
 
 The search report turns them into the trial-cost breakdown (report.trial_cost)."""
 from __future__ import annotations

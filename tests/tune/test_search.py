@@ -84,8 +84,8 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
         assert (smoke / "importance.png").stat().st_size > 1000
         assert f"over the {complete} trials the study holds as complete, fewer than 10: these shares are noise" in report
     assert "| base preset (trial " in report  # the best trial against the base preset's, on held-out data
-    assert {"Train controller + worker group start", "whole trial (proposed -> ended)"} <= {
-        k.split(" (")[0] if k.startswith("Train") else k for k in figures["trial_cost"]}
+    assert {"Train controller and worker group start -> worker process", "whole trial (proposed -> ended)",
+            "worker setup: batch probe"} <= set(figures["trial_cost"])
     assert all(p["trials"] >= 1 and p["median_s"] >= 0 for p in figures["trial_cost"].values())
     best = Path((smoke / "best_checkpoint").read_text().strip())
     assert best.parent.name == f"trial_{figures['best']['trial']}"
