@@ -40,6 +40,15 @@ def float_at_least(low: float):
 positive_int, seed_int = int_in(1), int_in(0, MAX_SEED)
 
 
+def given_options(p: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the options on the command line, even one given with its default value: argv is parsed again
+    into a namespace preset with a marker, which argparse replaces only for the options it meets."""
+    unset = object()
+    dests = vars(p.parse_args(argv))
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
+
+
 def default_store() -> str:
     return os.environ.get("CUBE_RAY_STORE", str(cache_dir() / "store"))
 

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from cube_ray.cli import add_data_args, data_config, float_at_least, int_in, positive_int, setup_logging
-from cube_ray.config import SearchConfig
+from cube_ray.cli import add_data_args, data_config, float_at_least, given_options, int_in, positive_int, setup_logging
+from cube_ray.config import SearchConfig, flatten, load_yaml, to_dict
+from cube_ray.experiment import SEARCH
 
 # The bundled sample is cut to this many pairs per file by default: cold SmolLM2 extraction runs at ~12 texts/s on
 # 2 cores, so the whole sample (~6,500 texts) would take ~9 minutes before the first trial. 600 pairs of each file
@@ -25,6 +26,11 @@ TIME_BUDGET_S = 600
 # the sample's 396 train pairs (an epoch is 448 samples) the search screens more configs with shorter rungs than
 # stage247's: rounds and grace of 512 samples, rungs at 512 and 1,536, and 4 epochs for a trial no rung stops.
 SAMPLE_SCHEDULE = {"report_every_samples": 512, "grace_samples": 512, "max_epochs": 4}
+# What a resume takes from its command line: where the experiment is and the cluster to run on. Every other flag is a
+# search setting, which a resume takes from the saved search.yaml instead (--space only finds the experiment, so it
+# must name the saved one).
+PER_SESSION = {"address", "name", "out", "resume"}
+DATA_FLAGS = {"pairs", "eval_pairs", "limit", "decontaminate", "val_fraction"}  # SearchConfig.data's fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="experiment name: the folder under --out (default: <space>-<timestamp>; with "
                    "--resume, the newest experiment of --space under --out)")
     p.add_argument("--out", default="results", help="where experiments live (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (its saved settings win)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment with its saved settings "
+                   "(a search flag that differs from them is refused)")
     p.add_argument("--time-budget-s", type=float_at_least(0.0), default=TIME_BUDGET_S,
                    help="stop the search (not extraction) after this many seconds; 0 = no limit (default: %(default)s)")
     p.add_argument("--max-epochs", type=positive_int, help="cap every trial's epochs, whatever the space samples (default: no cap)")
@@ -54,36 +61,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-checkpoints", type=positive_int, default=SearchConfig.keep_checkpoints, help="best checkpoints kept per trial (default: %(default)s)")
     add_data_args(p)
     args = p.parse_args(argv)
+    given = given_options(p, argv)  # before the sample defaults below fill some in
     setup_logging()
     if args.limit is None and args.pairs is None:  # the embedded defaults: sized to finish in 15 minutes on 2 cores
         args.limit = SAMPLE_LIMIT
         args.val_fraction = SAMPLE_VAL_FRACTION if args.val_fraction is None else args.val_fraction
         for key, value in SAMPLE_SCHEDULE.items():
             setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
-    if args.resume:
-        name = args.name or newest_experiment(Path(args.out), Path(args.space).stem)
-        if name is None:
-            p.error(f"--resume: no experiment of space {args.space!r} under {args.out}; pass --name")
-        search = SearchConfig(name=name, out=args.out)
-    else:  # paths as given: run_search makes them absolute before Ray starts
-        search = SearchConfig(
-            space=args.space, name=args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
-            out=args.out, store=args.store, data=data_config(args),
-            teachers=args.teachers.split(",") if args.teachers else None, teacher_config=args.teacher_config,
-            num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
-            cpus_per_worker=args.cpus_per_worker, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
-            report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
-            time_budget_s=args.time_budget_s or None, max_epochs=args.max_epochs, continue_from=args.continue_from,
-            seed=args.seed)
-    try:
-        search.validate()  # every value checked before any work starts
-    except ValueError as e:
+    try:  # every value checked before any work starts
+        if args.resume:
+            name = args.name or newest_experiment(Path(args.out), Path(args.space).stem)
+            if name is None:
+                p.error(f"--resume: no experiment of space {args.space!r} under {args.out}; pass --name")
+            search = SearchConfig(name=name, out=args.out)
+            search.validate()  # the name, before it is read as a path
+            refuse_changed_settings(args, given - PER_SESSION, Path(args.out) / name / SEARCH)
+        else:  # paths as given: run_search makes them absolute before Ray starts
+            search = search_from_flags(args, args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            search.validate()
+    except ValueError as e:  # a ConfigError too
         p.error(str(e))
     from cube_ray.tune.runner import run_search
 
     exp = run_search(search, address=args.address, resume=args.resume)
     print(f"\nreport: {exp / 'report.md'}\nbest checkpoint: {(exp / 'best_checkpoint').read_text().strip()}")
     return 0
+
+
+def search_from_flags(args: argparse.Namespace, name: str) -> SearchConfig:
+    return SearchConfig(
+        space=args.space, name=name, out=args.out, store=args.store, data=data_config(args),
+        teachers=args.teachers.split(",") if args.teachers else None, teacher_config=args.teacher_config,
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
+        report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
+        time_budget_s=args.time_budget_s or None, max_epochs=args.max_epochs, continue_from=args.continue_from,
+        seed=args.seed)
+
+
+def refuse_changed_settings(args: argparse.Namespace, flags: set[str], saved_at: Path) -> None:
+    """A resume runs with the saved settings, so a search flag given with --resume would be silently ignored: refuse
+    each one whose value differs from the saved experiment's (one that repeats it is harmless)."""
+    if not flags or not saved_at.exists():  # run_search says that there is nothing to resume
+        return
+    saved = load_yaml(SearchConfig, saved_at)
+    # what these flags would have saved, beside what was: both with absolute paths, as run_search saves them
+    before = flatten(to_dict(saved))
+    now = flatten(to_dict(search_from_flags(args, saved.name).with_absolute_paths()))
+    key = lambda flag: f"data/{flag}" if flag in DATA_FLAGS else flag  # noqa: E731
+    if "space" in flags:  # a name or a file of search_spaces/, saved absolute: the same space by its stem
+        before["space"], now["space"] = Path(saved.space).stem, Path(args.space).stem
+    differ = [f"--{flag.replace('_', '-')} {shown(now[key(flag)])} (saved: {shown(before[key(flag)])})"
+              for flag in sorted(flags) if now[key(flag)] != before[key(flag)]]
+    if differ:
+        raise ValueError(f"--resume continues {saved_at} with its saved settings, and these flags differ from them: "
+                         f"{', '.join(differ)}; drop them, or start a new experiment (another --name)")
+
+
+def shown(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):  # --teachers
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def newest_experiment(out: Path, space: str) -> str | None:

@@ -1,6 +1,8 @@
 """Bad input files through data preparation, end to end: a clear error naming the file, the line and what was
 expected, and no dataset in the store that could later read as complete (its manifest.json is written last)."""
 import logging
+import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -110,6 +112,86 @@ def test_a_bad_flag_is_refused_naming_it_before_any_work(entry, argv, message, t
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing started
     reliability(outcome="exit 2, the flag and the expected range named", lost="nothing")
+
+
+SAVED = "stage247-20260101-000000"  # newest_experiment finds it by the space's name
+
+
+def saved_experiment(tmp_path: Path) -> Path:
+    """results/<SAVED>/search.yaml as a default `python -m cube_ray.tune` run saves it (absolute paths, the sample
+    defaults, the schedule filled in), without running a search: a resume reads only this before Ray starts."""
+    from cube_ray.config import DataConfig, SearchConfig, save_yaml
+    from cube_ray.tune.__main__ import SAMPLE_LIMIT, SAMPLE_SCHEDULE, SAMPLE_VAL_FRACTION, TIME_BUDGET_S
+
+    search = SearchConfig(name=SAVED, out="results", store="store", time_budget_s=TIME_BUDGET_S, reduction_factor=3,
+                          data=DataConfig(limit=SAMPLE_LIMIT, val_fraction=SAMPLE_VAL_FRACTION), **SAMPLE_SCHEDULE)
+    path = tmp_path / "results" / SAVED / "search.yaml"
+    path.parent.mkdir(parents=True)
+    save_yaml(search.with_absolute_paths(), path)
+    return path
+
+
+RESUME_FLAGS = [  # (argv after --resume --name <the saved experiment>, the message argparse must print)
+    (["--num-samples", "7"], r"--num-samples 7 \(saved: 40\)"),
+    (["--time-budget-s", "0"], r"--time-budget-s unset \(saved: 600\)"),
+    (["--limit", "100", "--seed", "3"], r"--limit 100 \(saved: 600\), --seed 3 \(saved: 0\)"),
+    (["--teachers", "minilm"], r"--teachers minilm \(saved: unset\)"),
+    (["--reduction-factor", "2"], r"--reduction-factor 2 \(saved: 3\)"),
+    (["--store", "elsewhere"], r"--store /\S*/elsewhere \(saved: /\S*/store\)"),
+    (["--space", "smoke"], r"--space smoke \(saved: stage247\)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", RESUME_FLAGS, ids=[" ".join(a) for a, _ in RESUME_FLAGS])
+def test_resume_refuses_a_search_flag_that_differs_from_the_saved_one(argv, message, tmp_path, monkeypatch, capsys,
+                                                                      reliability):
+    from cube_ray.tune.__main__ import main
+
+    reliability(scenario=f"bad flag: python -m cube_ray.tune --resume {' '.join(argv)}", done="argument parsing")
+    monkeypatch.chdir(tmp_path)
+    saved = saved_experiment(tmp_path)
+    before = saved.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", "--name", SAVED, *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err), err
+    assert f"results/{SAVED}/search.yaml with its saved settings" in err
+    assert [f for f in tmp_path.rglob("*") if f.is_file()] == [saved] and saved.read_bytes() == before  # nothing written
+    reliability(outcome="exit 2, each differing flag named with the saved value", lost="nothing")
+
+
+def test_resume_accepts_per_session_flags_and_repeated_settings(tmp_path, monkeypatch):
+    import cube_ray.tune.runner
+    from cube_ray.tune.__main__ import main
+
+    class Started(Exception):
+        pass
+
+    def run_search(search, address=None, resume=False):
+        raise Started(search.name, address, resume)
+
+    monkeypatch.chdir(tmp_path)
+    saved_experiment(tmp_path)
+    monkeypatch.setattr(cube_ray.tune.runner, "run_search", run_search)
+    # --space finds the experiment; the settings repeat the saved ones, the default --num-samples 40 included
+    argv = ["--resume", "--space", "stage247", "--out", "results", "--address", "auto", "--num-samples", "40",
+            "--time-budget-s", "600", "--limit", "600", "--store", "store"]
+    with pytest.raises(Started) as e:
+        main(argv)
+    assert e.value.args == (SAVED, "auto", True)
+
+
+def test_given_options_sees_a_flag_given_with_its_default_value():
+    import argparse
+
+    from cube_ray.cli import given_options
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=40)
+    p.add_argument("--flag", action="store_true")
+    p.add_argument("--s", default="x")
+    assert given_options(p, ["--n", "40", "--flag"]) == {"n", "flag"}
+    assert given_options(p, []) == set()
 
 
 def test_config_values_out_of_range_are_refused():
