@@ -80,11 +80,11 @@ class Trial:
         return (-self.score, -self.samples, -self.round_score)
 
 
-def load_trials(exp: Path, budget: bool = False) -> list[Trial]:
+def load_trials(exp: Path, budget: bool = False, study=None) -> list[Trial]:
     """This experiment's trials, from its Optuna study (trials copied by --continue-from are not its own)."""
     from optuna.trial import TrialState
 
-    study = load_study(exp)
+    study = study or load_study(exp)
     if study is None:
         raise FileNotFoundError(f"{exp}: no Optuna study (study.journal); is this a search experiment folder?")
     asha_stopped = set(json.loads((exp / ASHA_STOPPED).read_text())) if (exp / ASHA_STOPPED).exists() else set()
@@ -160,13 +160,12 @@ def _status(folder: Path, config: TrainConfig, history: list[dict], pruned: bool
     return "time budget" if budget or pruned else "unfinished"
 
 
-def importance(exp: Path, seed: int) -> tuple[dict[str, float], int]:
+def importance(study, seed: int) -> tuple[dict[str, float], int]:
     """Optuna's parameter importance (fANOVA) over the study's complete trials (those --continue-from brought in
     included), and how many trials it rests on."""
     import optuna
     from optuna.trial import TrialState
 
-    study = load_study(exp)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}, len(complete)
@@ -179,17 +178,19 @@ def importance(exp: Path, seed: int) -> tuple[dict[str, float], int]:
         return {}, len(complete)
 
 
-def held_out(best: Trial, seed: int) -> dict:
-    """The best checkpoint against the baselines on its own held-out split (evaluate's table)."""
+def held_out(trial: Trial, seed: int, with_baselines: bool = True) -> dict:
+    """A trial's best checkpoint on its held-out split: against the baselines (evaluate's table), or the model's row
+    alone (every trial of a search shares the data and its centring, so the baselines are the same for all)."""
     import torch
 
-    from cube_ray.evaluate import comparison
+    from cube_ray.evaluate import comparison, student_metrics
     from cube_ray.train.snapshot import load_for_eval
 
     torch.use_deterministic_algorithms(True)
-    loaded = load_for_eval(best.dir / "best_eval")
-    return {"pairs": len(loaded.held_out), "picked_on": loaded.picked_on,
-            "table": comparison(loaded.student, loaded.train, loaded.held_out, seed=seed)}
+    loaded = load_for_eval(trial.dir / "best_eval")
+    table = comparison(loaded.student, loaded.train, loaded.held_out, seed=seed) if with_baselines else \
+        {t: {"model": m} for t, m in student_metrics(loaded.student, loaded.held_out).items()}
+    return {"pairs": len(loaded.held_out), "picked_on": loaded.picked_on, "table": table}
 
 
 def plots(exp: Path, trials: list[Trial], imp: dict[str, float], imp_trials: int, metric: str) -> list[str]:
@@ -294,11 +295,12 @@ def build_report(exp: str | Path) -> Path:
     """Write report.md and its companions into the experiment folder; returns the report's path."""
     exp = Path(exp).resolve()
     search = load_yaml(SearchConfig, exp / SEARCH)
-    trials = load_trials(exp, budget=bool(search.time_budget_s))
+    study = load_study(exp)  # read once: the trials, their importance and what --continue-from brought in
+    trials = load_trials(exp, budget=bool(search.time_budget_s), study=study)
     scored = sorted([t for t in trials if t.rounds], key=lambda t: t.rank_key)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
-    imp, imp_trials = importance(exp, search.seed)
+    imp, imp_trials = importance(study, search.seed)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
     with_checkpoint = [t for t in scored if (t.dir / "best_eval").exists()]
@@ -307,14 +309,14 @@ def build_report(exp: str | Path) -> Path:
     best = with_checkpoint[0]
     base = next((t for t in with_checkpoint if t.base_preset), None)
     table = held_out(best, search.seed)
-    base_table = held_out(base, search.seed) if base is not None and base is not best else None
+    base_table = held_out(base, search.seed, with_baselines=False) if base is not None and base is not best else None
     figures = cost(exp, trials)
     phases = trial_cost(trials)
     made = plots(exp, trials, imp, imp_trials, metric)
     save_yaml(best.config, exp / "best_config.yaml")
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
     grace, factor = search.grace_samples, search.reduction_factor
-    known = sum(CONTINUED_FROM in t.user_attrs for t in load_study(exp).get_trials(deepcopy=False))
+    known = sum(CONTINUED_FROM in t.user_attrs for t in study.get_trials(deepcopy=False))
 
     teachers = best.config.teachers
     selection = table["picked_on"]
