@@ -9,27 +9,32 @@
 
 A folder is written under a temporary name and renamed into place, so it is complete or absent. Loading checks
 every file against checkpoint.json, and any missing, truncated or garbled file is a `CheckpointError` naming it.
+Loading never renames anything (a reader may run beside a save) and follows a save's swap instead: see
+`load_checkpoint`.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save_file
 
 from cube_ray.data.manifest import sha256_file
-from cube_ray.fsutil import fsync_dir, recover_swap, swap_in
+from cube_ray.fsutil import fsync_dir, moved_aside, swap_in, temp_dir
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 2
+REQUIRED = {"model.safetensors", "config.yaml", "teachers.yaml", "data.json"}
 READS_FORMATS = (1, 2)  # format 1 predates the residual student: train/snapshot.py reads it as it was meant
 
 
@@ -51,56 +56,110 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: dict, teachers: dict[str, TeacherSpec],
                     data: dict, state: dict | None = None) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "teachers.yaml").write_text(yaml.safe_dump({n: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-                                                       for n, s in teachers.items()}, sort_keys=False))
-    (tmp / "data.json").write_text(json.dumps(data, indent=1) + "\n")
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        with open(tmp / name, "rb") as f:
+    specs = {n: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"} for n, s in teachers.items()}
+    tmp = temp_dir(path)  # a name of its own: another process saving the same checkpoint uses another
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "teachers.yaml").write_text(yaml.safe_dump(specs, sort_keys=False))
+        (tmp / "data.json").write_text(json.dumps(data, indent=1) + "\n")
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
+        with open(tmp / "checkpoint.json", "w") as f:
+            f.write(json.dumps(manifest, indent=1) + "\n")
+            f.flush()
             os.fsync(f.fileno())
-    manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
-    with open(tmp / "checkpoint.json", "w") as f:
-        f.write(json.dumps(manifest, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
-    swap_in(tmp, path)  # replaces an older checkpoint of the same name
+        fsync_dir(tmp)
+        swap_in(tmp, path)  # replaces an older checkpoint of the same name
+    except BaseException:  # a full disk, a kill signal: leave no temporary behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
+class _Vanished(Exception):
+    """The folder being read was replaced (and removed) by a save meanwhile: read the new one from the start."""
+
+
 def load_checkpoint(path: str | Path, with_state: bool = True) -> Checkpoint:
+    """The checkpoint at `path`, every file checked against checkpoint.json.
+
+    A reader never renames (putting back a copy a save moved aside would undo the save in flight: `fit`, holding
+    the run folder's lock, does that repair). It reads one folder through a directory fd, so every file comes from
+    the same save however often `path` is swapped meanwhile; while `path` is absent (a save between its two renames)
+    it reads the copy moved aside; if the folder it reads is removed under it, it starts again on the new one."""
     path = Path(path)
-    recover_swap(path)  # a save killed between its two renames left the previous checkpoint aside
-    index = path / "checkpoint.json"
-    if not index.exists():
-        raise CheckpointError(f"{index}: missing; {path} is not a complete cube_ray checkpoint")
+    for attempt in range(50):
+        try:
+            return _read(path, with_state)
+        except _Vanished:
+            time.sleep(0.002 * attempt)
+    raise CheckpointError(f"{path}: replaced by newer saves again and again while being read; try again")
+
+
+def _read(path: Path, with_state: bool) -> Checkpoint:
+    for folder in [path, *moved_aside(path)]:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            return _read_folder(fd, folder, path, with_state)
+        finally:
+            os.close(fd)
+    if path.exists() or moved_aside(path):  # swaps went on between looking for `path` and for its copies
+        raise _Vanished
+    raise CheckpointError(f"{path / 'checkpoint.json'}: missing; {path} is not a complete cube_ray checkpoint")
+
+
+def _replaced(fd: int, folder: Path) -> bool:
+    """Whether the folder open as `fd` is no longer the one at `folder` (removed, or replaced by a newer save)."""
     try:
-        manifest = json.loads(index.read_text())
+        return os.stat(folder).st_ino != os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return True
+
+
+def _read_folder(fd: int, folder: Path, path: Path, with_state: bool) -> Checkpoint:
+    def read(name: str, missing: str) -> bytes:
+        try:
+            with open(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            if _replaced(fd, folder):
+                raise _Vanished from None
+            raise CheckpointError(missing) from None
+
+    index = folder / "checkpoint.json"
+    raw = read("checkpoint.json", f"{index}: missing; {path} is not a complete cube_ray checkpoint")
+    try:
+        manifest = json.loads(raw)
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: corrupt ({e})") from None
     if manifest.get("format") not in READS_FORMATS:
         raise CheckpointError(f"{index}: format {manifest.get('format')!r}, this cube_ray reads formats {READS_FORMATS}")
+    unlisted = sorted(REQUIRED - set(files))
+    if unlisted:
+        raise CheckpointError(f"{index}: corrupt (does not list {', '.join(unlisted)})")
+    data = {}
     for name, digest in files.items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{f}: missing from the checkpoint")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: corrupt (sha256 differs from checkpoint.json: truncated or modified)")
-    teachers = {n: TeacherSpec(name=n, **fields) for n, fields in yaml.safe_load((path / "teachers.yaml").read_text()).items()}
+        data[name] = read(name, f"{folder / name}: missing from the checkpoint")
+        if hashlib.sha256(data[name]).hexdigest() != digest:
+            raise CheckpointError(f"{folder / name}: corrupt (sha256 differs from checkpoint.json: truncated or "
+                                  "modified)")
+    teachers = {n: TeacherSpec(name=n, **fields) for n, fields in yaml.safe_load(data["teachers.yaml"]).items()}
     state = None
     if with_state and "state.pt" in files:
         try:  # tensors and plain values only: a crafted state.pt cannot run code here
-            state = torch.load(io.BytesIO((path / "state.pt").read_bytes()), weights_only=True)
+            state = torch.load(io.BytesIO(data["state.pt"]), weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path / 'state.pt'}: refused, it holds more than tensors and plain values (a "
+            raise CheckpointError(f"{folder / 'state.pt'}: refused, it holds more than tensors and plain values (a "
                                   f"checkpoint never runs code; {str(e).splitlines()[0]})") from None
-    return Checkpoint(path, load_file(str(path / "model.safetensors")), yaml.safe_load((path / "config.yaml").read_text()),
-                      teachers, json.loads((path / "data.json").read_text()), state, manifest["format"])
+    return Checkpoint(path, load_safetensors(data["model.safetensors"]), yaml.safe_load(data["config.yaml"]), teachers,
+                      json.loads(data["data.json"]), state, manifest["format"])

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from cube_ray.config import ConfigError
 from cube_ray.store import (SHARD_SIZE, EmbeddingError, Embeddings, EmbeddingStore, Entry, check_embeddings, shard_order,
                             text_id)
-from cube_ray.fsutil import remove_stale_tmp
-from cube_ray.teachers.registry import TeacherSpec
+from cube_ray.fsutil import folder_lock, remove_stale_tmp
+from cube_ray.teachers.registry import TeacherError, TeacherSpec
 
 log = logging.getLogger("cube_ray.extract")
 
@@ -39,8 +40,11 @@ class ShardEmbedder:
         from cube_ray.teachers.model import Teacher
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        self.teacher = Teacher(spec, threads=max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS; torch needs telling too
-        self.entry, self.batch_size, self.known = entry, batch_size, known
+        self.entry, self.batch_size, self.known, self.load_error = entry, batch_size, known, None
+        try:
+            self.teacher = Teacher(spec, threads=max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS; torch needs telling too
+        except (ConfigError, TeacherError) as e:  # a bad spec: the driver raises it as such (a dead actor would not)
+            self.load_error = e
 
     def embed(self, texts: list[str], ids: list[str]) -> tuple[np.ndarray, int]:
         """The shard's embeddings, and how many of them the model computed (the rest were known)."""
@@ -55,8 +59,12 @@ class ShardEmbedder:
         return emb, len(todo)
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": []}
+        out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": [], "load_error": []}
         for shard, texts, ids in zip(batch["shard"], batch["texts"], batch["ids"]):
+            if self.load_error is not None:  # no text embedded; the driver raises the error's own type
+                for key, value in zip(out, (int(shard), 0, 0.0, 0, str(self.load_error), type(self.load_error).__name__)):
+                    out[key].append(value)
+                continue
             start = time.perf_counter()
             texts = [str(t) for t in texts]
             emb, embedded = self.embed(texts, [str(tid) for tid in ids])
@@ -68,7 +76,7 @@ class ShardEmbedder:
                 error = str(e)
             except OSError as e:  # a full disk, a read-only store: the shard is absent, the written ones are kept
                 error = f"cannot write {self.entry.shard_path(int(shard))}: {e}"
-            for key, value in zip(out, (int(shard), embedded, time.perf_counter() - start, self.teacher.width, error)):
+            for key, value in zip(out, (int(shard), embedded, time.perf_counter() - start, self.teacher.width, error, "")):
                 out[key].append(value)
         return {k: np.array(v) for k, v in out.items()}
 
@@ -108,14 +116,23 @@ def _pool_shape(concurrency: int | None) -> tuple[int, float]:
 def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, concurrency: int | None = None,
                     batch_size: int = 32) -> ExtractResult:
     """Embed the unique `texts` with one teacher into the store (only the shards still missing)."""
-    import ray
-
     ordered = shard_order(texts)
     entry = store.entry(spec, ordered)
-    if entry.complete:
-        log.info("%s: cache hit, %d texts in %s", spec.name, len(ordered), entry.dir)
-        return ExtractResult(spec.name, entry, True, len(ordered), 0, 0.0)
-    entry.dir.mkdir(parents=True, exist_ok=True)
+    if not entry.complete:
+        # One extraction per entry at a time: another one of the same entry is waited for, and then its complete entry
+        # reused. Holding the lock, the entry's temporaries are a dead run's, never a live run's shard in flight.
+        with folder_lock(entry.dir, f"extraction of {spec.name} embeddings", wait=True):
+            if not entry.complete:
+                return _extract_entry(ordered, spec, store, entry, concurrency, batch_size)
+    log.info("%s: cache hit, %d texts in %s", spec.name, len(ordered), entry.dir)
+    return ExtractResult(spec.name, entry, True, len(ordered), 0, 0.0)
+
+
+def _extract_entry(ordered: list[str], spec: TeacherSpec, store: EmbeddingStore, entry: Entry,
+                   concurrency: int | None, batch_size: int) -> ExtractResult:
+    """Embed the shards `entry` still lacks (its lock held)."""
+    import ray
+
     remove_stale_tmp(entry.dir)
     missing = entry.missing_shards()
     if len(missing) < entry.n_shards:
@@ -139,6 +156,8 @@ def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, 
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus)
     done, embedded, width, errors, warm = 0, 0, None, [], (0.0, 0)
     for row in ds.iter_rows():
+        if row["load_error"]:  # the teacher could not load: no text was embedded
+            raise {"ConfigError": ConfigError, "TeacherError": TeacherError}[str(row["load_error"])](str(row["error"]))
         done += 1
         if row["error"]:
             errors.append(str(row["error"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cube_ray.fsutil import swap_in
+from cube_ray.fsutil import swap_in, temp_dir
 from cube_ray.losses.curriculum import competence, step_cap
 from cube_ray.metrics import dedup_pool
 
@@ -58,14 +58,18 @@ def keep_as(checkpoint: Path, target: Path) -> None:
     Files are hard-linked where the folder is on the same filesystem (a checkpoint's files are never rewritten in
     place: every save is a new folder), so latest/, best_eval/ and best_loss/ of one save cost one write, not three:
     the default cube's checkpoint with its optimiser state is ~170 MB."""
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir(target)  # a name of its own: two writers of one target never share a temporary
     try:
-        shutil.copytree(checkpoint, tmp, copy_function=os.link)
-    except OSError:  # another filesystem
+        try:
+            shutil.copytree(checkpoint, tmp, copy_function=os.link, dirs_exist_ok=True)
+        except OSError:  # another filesystem
+            shutil.rmtree(tmp)
+            tmp = temp_dir(target)
+            shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        swap_in(tmp, target)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint, tmp)
-    swap_in(tmp, target)
+        raise
 
 
 class EarlyStopping(Callback):

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -37,7 +38,7 @@ from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import retrieval_agreement, student_metrics
 from cube_ray.experiment import DONE_TRAINING
-from cube_ray.fsutil import recover_swap
+from cube_ray.fsutil import folder_lock, recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingError, EmbeddingStore
@@ -409,12 +410,25 @@ def _embedding_error(error: BaseException) -> str | None:
 
 def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
         registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
-        stop_after: int | None = None, data: RunData | None = None) -> FitResult:
+        stop_after: int | None = None, data: RunData | None = None, lock: bool = True) -> FitResult:
     """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
 
     stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
     continues from `out/latest` exactly where it stopped. data: made by `prepare_run` already (a search's trials).
+    lock: hold `out`'s lock for the run (FolderLocked if another process holds it); a search's trials pass False,
+    their folders lie inside the experiment its driver holds locked.
     """
+    cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
+    out = Path(out).resolve()
+    # This driver holds the lock until the run ends (its Ray Train workers write into `out` under it): a second
+    # training or --resume into the same folder is refused at once, before it could overwrite or prune this one's
+    # checkpoints, and what killed runs left here can be repaired without racing a live one.
+    with folder_lock(out, "training run") if lock else contextlib.nullcontext():
+        return _fit(cfg, out, store_root, resume, registry, run_config_kwargs, stop_after, data)
+
+
+def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_config_kwargs, stop_after,
+         data: RunData | None) -> FitResult:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -423,9 +437,8 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
     # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
-    cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
-    out = Path(out).resolve()
-    recover_swap(out / "latest")
+    for name in ("latest", "best_eval", "best_loss"):  # a save killed between its two renames left one aside
+        recover_swap(out / name)
     for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     if (out / "latest").exists() and not resume:

@@ -15,6 +15,7 @@ import torch
 from cube_ray.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from cube_ray.config import ConfigError, TrainConfig, flatten, from_dict, load_yaml, to_dict
 from cube_ray.data.split import selection_split
+from cube_ray.fsutil import moved_aside
 from cube_ray.metrics import Centering
 from cube_ray.model import Student
 from cube_ray.store import EmbeddingStore
@@ -97,8 +98,8 @@ def resume_snapshot(ray_checkpoint, out: Path, storage: Path) -> Snapshot | None
     `latest/` is written before Ray's copy, so it is ahead when a node dies with checkpoints its worker reported but
     Ray's controller had not registered yet (Ray then restarts the group from an older one, or from none). `fit`
     refuses to start a fresh run in a folder that holds a `latest/`, so whatever is found here belongs to this run."""
-    if ray_checkpoint is None and not (out / "latest").exists():
-        return None
+    if ray_checkpoint is None and not (out / "latest").exists() and not moved_aside(out / "latest"):
+        return None  # (a copy moved aside: a save of latest/ killed between its renames, which load_checkpoint reads)
     tried: list[str] = []
 
     def load(candidate) -> Snapshot | None:

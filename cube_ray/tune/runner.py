@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
 from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
-from cube_ray.fsutil import atomic_write_text
+from cube_ray.fsutil import atomic_write_text, folder_lock, recover_swap
 from cube_ray.train.timing import now, stamp
 from cube_ray.tune.space import SearchSpace, load_space
 from cube_ray.tune.study import copy_finished_trials, make_searcher
@@ -126,11 +126,13 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
     started = now()
     trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
     prune_unregistered_checkpoints(trial_dir / "train")
+    recover_swap(trial_dir / "latest")  # a restarted trial's killed save: before deciding whether to resume
     cfg = trial_config(config, space)
     trial_dir.mkdir(parents=True, exist_ok=True)  # the sampled values, flat, beside the trial's checkpoints
     atomic_write_text(trial_dir / TRIAL, json.dumps(flatten(config)))
     stamp(trial_dir, "trial", start=started, fit_start=now())
-    result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data,
+    # lock=False: the search's driver holds the experiment's lock, and this trial alone writes its folder
+    result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data, lock=False,
                  run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
                                     "callbacks": [TuneReportCallback()],
                                     "failure_config": ray.train.FailureConfig(max_failures=search.max_failures)})
@@ -233,19 +235,28 @@ def check_own_experiment(exp: Path) -> None:
 
 def run_search(search: SearchConfig, address: str | None = None, resume: bool = False) -> Path:
     """Run (or with `resume`, continue) the search; returns the experiment folder holding report.md."""
+    start = time.time()
+    search = search.with_absolute_paths()  # before Ray starts: trials run in working directories of their own
+    exp = experiment_dir(search)
+    if resume:
+        if not (exp / SEARCH).exists():
+            raise FileNotFoundError(f"--resume: {exp / SEARCH} does not exist; nothing to resume")
+        check_own_experiment(exp)
+    # This driver holds the experiment's lock for the whole search, from before any work (search.yaml is written only
+    # after extraction): a second search with the same --name, or a --resume of it, is refused at once. The trials
+    # write inside the folder from processes of their own and take no lock (fit(lock=False)).
+    with folder_lock(exp, "search"):
+        return _search(search, exp, address, resume, start)
+
+
+def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, start: float) -> Path:
     from cube_ray.cli import default_store, init_ray
     from cube_ray.report import build_report
     from cube_ray.teachers.registry import load_registry
     from cube_ray.train.loop import prepare_run
 
-    start = time.time()
-    search = search.with_absolute_paths()  # before Ray starts: trials run in working directories of their own
-    exp = experiment_dir(search)
     saved = exp / SEARCH
     if resume:
-        if not saved.exists():
-            raise FileNotFoundError(f"--resume: {saved} does not exist; nothing to resume")
-        check_own_experiment(exp)
         # the saved settings win; the folder is wherever the experiment is now
         search = dataclasses.replace(load_yaml(SearchConfig, saved), out=str(exp.parent), name=exp.name)
     elif saved.exists():

@@ -57,10 +57,29 @@ def wait_for(condition, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def train_worker_pids() -> list[int]:
-    import psutil
+@pytest.fixture(scope="module")
+def ray_local():
+    """This module's own local Ray, with the dashboard: it serves the state API that names this test's workers."""
+    import ray
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    context = ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    STATE_API["address"] = f"http://{context.dashboard_url}"
+    yield ray
+    ray.shutdown()
+
+
+STATE_API: dict[str, str] = {}
+
+
+def train_worker_pids() -> list[int]:
+    """The PIDs of this test's own Ray Train workers, as its own cluster's state API lists them for its own job: on
+    a shared host, other people's RayTrainWorker processes are never touched."""
+    import ray
+    from ray.util.state import list_actors
+
+    mine = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+            ("job_id", "=", ray.get_runtime_context().get_job_id())]
+    return [a.pid for a in list_actors(address=STATE_API["address"], filters=mine, timeout=30)]
 
 
 def test_killed_training_worker_restarts_from_its_last_checkpoint(store, tmp_path, reliability):
@@ -70,10 +89,10 @@ def test_killed_training_worker_restarts_from_its_last_checkpoint(store, tmp_pat
 
     def kill_mid_epoch():
         wait_for(lambda: (out / "latest" / "checkpoint.json").exists())
+        killed["pids"] = train_worker_pids()  # now, not after the sleep: the state API takes a moment to answer
         first = load_checkpoint(out / "latest").state["train_state"]["history"][0]
         killed["row"] = first
         time.sleep(0.4 * first["time_s"])  # well inside epoch 2
-        killed["pids"] = train_worker_pids()
         killed["epoch_on_disk"] = epoch_of(out / "latest")
         for pid in killed["pids"]:
             os.kill(pid, signal.SIGKILL)
@@ -107,8 +126,9 @@ def test_a_worker_killed_inside_an_epoch_resumes_from_its_last_round_bit_for_bit
         return state["step_in_epoch"] if state["epoch"] == 0 else 0
 
     def kill_after_a_round():
-        wait_for(lambda: step_in_epoch_1() >= 8)
+        wait_for(lambda: step_in_epoch_1() >= 4)  # the first round: the group is up (asking the state API takes a moment)
         killed["pids"] = train_worker_pids()
+        wait_for(lambda: step_in_epoch_1() >= 8)
         for pid in killed["pids"]:
             os.kill(pid, signal.SIGKILL)
 
