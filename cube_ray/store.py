@@ -7,9 +7,11 @@ Layout under the store root:
     embeddings/<teacher>/<fingerprint>/entry.json                      written last: the entry is complete
 
 An entry holds one teacher's embeddings of one set of unique texts. Its fingerprint covers the texts (content
-hash), the teacher spec (source, pooling, max length, dtype, …) and the shard size, so a second extraction of the
-same data with the same teacher finds the entry and does no model work. Texts are sorted by length before
-sharding: a shard's texts have similar lengths, which keeps padding (wasted teacher compute) small.
+hash), the teacher spec (source, pooling, max length, dtype, …), the model files (TeacherSpec.model_version: their
+sha256, a package's version, a hub commit) and the shard size, so a second extraction of the same data with the
+same teacher finds the entry and does no model work, and a changed model gets an entry of its own. Texts are
+sorted by length before sharding: a shard's texts have similar lengths, which keeps padding (wasted teacher
+compute) small.
 
 Shard schema: `text_id` (string, sha256 of the text, 32 hex), `text` (string), `embedding`
 (fixed_size_list<float32>[width]). Each shard file is written atomically, so after a crash a shard is either
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 from cube_ray.fsutil import atomic_path, atomic_write_text
 from cube_ray.teachers.registry import TeacherSpec
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: entries are keyed by the model files too (version-1 entries do not say which model)
 SHARD_SIZE = 256
 
 
@@ -174,11 +176,13 @@ class EmbeddingStore:
             if info_path.parent == entry.dir:
                 continue
             info = json.loads(info_path.read_text())
+            if info.get("version") != STORE_VERSION:  # an entry written by another version: not reused
+                continue
             try:
                 same = TeacherSpec(**info["teacher"]).fingerprint() == entry.spec.fingerprint()
-            except (KeyError, TypeError):  # an entry written by another version: not reused
+            except (KeyError, TypeError):
                 continue
-            if same and info.get("version") == STORE_VERSION:
+            if same:
                 out.append(Entry(info_path.parent, entry.spec, info["data_hash"], info["texts"]))
         return out
 
@@ -192,7 +196,8 @@ class EmbeddingStore:
             raise EmbeddingError(f"{folder}: no prepared dataset {dataset_id!r} in store {self.root}")
         entry = self.entry(spec, dataset_texts(folder))
         if not entry.complete:
-            raise EmbeddingError(f"store {self.root} has no complete {spec.name!r} embeddings of dataset {dataset_id}; "
+            raise EmbeddingError(f"store {self.root} has no complete {spec.name!r} embeddings (model {spec.model_version}) "
+                                 f"of dataset {dataset_id}; "
                                  f"run `python -m cube_ray.extract --teachers {spec.name} --store {self.root}` with the same data")
         return entry
 

@@ -1,10 +1,13 @@
 """Extraction end to end on a real local Ray, with the real all-MiniLM-L6-v2 teacher and real Parquet files."""
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cube_ray.config import DataConfig
+import cube_ray.teachers.registry as registry
+from cube_ray.config import ConfigError, DataConfig
 from cube_ray.data.prepare import prepare
 from cube_ray.extract import extract_teacher, main
 from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, pairs_dataset, shard_order, split_embeddings
@@ -95,6 +98,40 @@ def test_nan_embedding_is_caught_and_good_shards_are_kept(tmp_path, ray_local):
         extract_teacher(texts, spec, store)
     entry = store.entry(spec, shard_order(texts))
     assert entry.missing_shards() == [1] and not entry.complete  # shard 0 kept; nothing reads as complete
+
+
+def test_a_changed_model_gets_its_own_entry_and_an_unchanged_one_is_reused(tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("CUBE_RAY_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    real = registry._sha256
+    monkeypatch.setattr(registry, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    spec = make_tiny_teacher(tmp_path / "model", "distilbert")
+    texts = [f"How many cubes fit in box {i}?" for i in range(30)]
+    store = EmbeddingStore(tmp_path / "store")
+    fresh = lambda: dataclasses.replace(spec, model_version=None)  # noqa: E731  what a new run reads
+
+    first = extract_teacher(texts, fresh(), store)
+    assert not first.cached and first.embedded == 30 and first.entry.info["teacher"]["model_version"].startswith("sha256:")
+    hashed.clear()
+    again = extract_teacher(texts, fresh(), store)
+    assert again.cached and again.entry.dir == first.entry.dir and hashed == []  # files unchanged: not even re-read
+
+    make_tiny_teacher(tmp_path / "model", "distilbert")  # the model upgraded in place: new weights, same shapes
+    upgraded = extract_teacher(texts, fresh(), store)
+    assert "model.safetensors" in hashed
+    assert not upgraded.cached and upgraded.entry.dir != first.entry.dir
+    assert (upgraded.embedded, upgraded.reused) == (30, 0)  # nothing taken from the old model's entry
+    assert not np.allclose(upgraded.entry.lookup(texts), first.entry.lookup(texts))
+    np.testing.assert_allclose(upgraded.entry.lookup(texts[:3]), Teacher(fresh()).embed(texts[:3]), atol=1e-5)
+
+
+def test_max_length_above_the_models_positions_fails_before_any_text_is_embedded(tmp_path, ray_local):
+    spec = dataclasses.replace(make_tiny_teacher(tmp_path / "model", "llama"), max_length=512)  # 128 positions
+    store = EmbeddingStore(tmp_path / "store")
+    texts = [f"A long question about cube {i}? " * 40 for i in range(SHARD_SIZE + 5)]
+    with pytest.raises(ConfigError, match=r"teacher 'tiny-llama': max_length 512 is above the model's limit of 128"):
+        extract_teacher(texts, spec, store)
+    assert store.entry(spec, shard_order(texts)).missing_shards() == [0, 1]
 
 
 def test_cli_prints_summary(tmp_path, ray_local, capsys):

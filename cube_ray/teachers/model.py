@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cube_ray.config import ConfigError
 from cube_ray.teachers.pooling import pool
-from cube_ray.teachers.registry import TeacherError, TeacherSpec
+from cube_ray.teachers.registry import TeacherError, TeacherSpec, cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CUBE_RAY_CACHE", Path.home() / ".cache" / "cube_ray"))
+NO_LIMIT = 10 ** 9  # a tokenizer without a known limit says int(1e30)
 
 
 def _from_pretrained(cls, spec: TeacherSpec, source, **kwargs):
@@ -42,7 +40,8 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
     gguf = folder / spec.gguf_file
     if not gguf.exists():
         raise TeacherError(f"teacher {spec.name!r}: GGUF file {gguf} does not exist")
-    key = hashlib.sha256(f"{gguf.resolve()}|{gguf.stat().st_size}|{spec.dtype}".encode()).hexdigest()[:12]
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
     converted = cache_dir() / "teachers" / f"{gguf.stem}-{key}"  # shared by specs that differ only after loading
     if (converted / "config.json").exists():
         return AutoTokenizer.from_pretrained(converted), AutoModel.from_pretrained(converted, dtype=dtype)
@@ -62,6 +61,17 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
     return tokenizer, model
 
 
+def check_max_length(spec: TeacherSpec, config, tokenizer) -> None:
+    """A ConfigError unless the model has positions for `max_length` tokens (else the first long text crashes it)."""
+    limit = getattr(config, "max_position_embeddings", None)  # a GGUF file's context length lands here too
+    what = "max_position_embeddings"
+    if limit is None and getattr(tokenizer, "model_max_length", NO_LIMIT) < NO_LIMIT:
+        limit, what = tokenizer.model_max_length, "the tokenizer's model_max_length"
+    if limit is not None and spec.max_length > limit:
+        raise ConfigError(f"teacher {spec.name!r}: max_length {spec.max_length} is above the model's limit of {limit} "
+                          f"tokens ({what}); set `max_length:` to at most {limit}")
+
+
 class Teacher:
     """`Teacher(spec).embed(texts)` -> (len(texts), width) float32 array."""
 
@@ -79,6 +89,7 @@ class Teacher:
             self.tokenizer = _from_pretrained(AutoTokenizer, spec, source)
             self.model = _from_pretrained(AutoModel, spec, source, dtype=dtype)
         self.model.eval()
+        check_max_length(spec, self.model.config, self.tokenizer)
         if spec.int8:  # weights int8, activations quantised on the fly: faster Linear layers on CPU
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         if self.tokenizer.pad_token is None:  # decoders ship without one; the mask makes its value irrelevant

@@ -6,14 +6,25 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
 from cube_ray.config import ConfigError, from_dict
+from cube_ray.fsutil import atomic_write_text
 
 BUILTIN = Path(__file__).parent / "builtin.yaml"
+# The files of a model folder that shape its embeddings: weights, config, tokenizer (a GGUF file holds all three).
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.json", "*.txt", "*.model")
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CUBE_RAY_CACHE", Path.home() / ".cache" / "cube_ray"))
 
 
 class TeacherError(ValueError):
@@ -33,16 +44,25 @@ class TeacherSpec:
     normalize: bool = False  # L2-normalise the pooled vector
     int8: bool = False  # dynamic int8 quantisation of the Linear layers (CPU extraction speed)
     revision: str | None = None  # a Hugging Face revision (commit, tag or branch)
+    # What the model files are (their sha256, a package's version, a hub commit); not set in YAML: pin() reads it
+    # from the files, once, and the spec carries it to Ray workers, store entries and checkpoints.
+    model_version: str | None = None
 
     def validate(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
     def fingerprint(self) -> str:
-        """Everything that changes the embeddings a teacher produces (its name does not)."""
-        fields = dataclasses.asdict(self)
+        """Everything that changes the embeddings a teacher produces (its name does not), the model files included."""
+        fields = dataclasses.asdict(self.pin())
         fields.pop("name")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def pin(self) -> TeacherSpec:
+        """Fill in `model_version` from the model files unless already known; returns the spec."""
+        if self.model_version is None:
+            self.model_version = identify_model(self)
+        return self
 
     def resolve(self) -> Path | str:
         """The local folder or Hugging Face id to load from; a clear error if the model cannot be found."""
@@ -67,16 +87,87 @@ class TeacherSpec:
 
 
 @functools.lru_cache(maxsize=None)
+def _distribution(module: str) -> importlib.metadata.Distribution | None:
+    for name in importlib.metadata.packages_distributions().get(module, []):
+        dist = importlib.metadata.distribution(name)
+        if Path(dist.locate_file(module)).is_dir():
+            return dist
+    return None
+
+
 def installed_package(module: str) -> Path | None:
     """The folder of top-level package `module` as an installed distribution lists it (importlib.metadata), or None.
 
     Nothing is imported: finding a module with importlib would run the __init__ of a package of that name in the
     working directory, and a teacher YAML (or a checkpoint's teachers.yaml) names the package."""
-    for dist in importlib.metadata.packages_distributions().get(module, []):
-        root = Path(importlib.metadata.distribution(dist).locate_file(module))
-        if root.is_dir():
-            return root
-    return None
+    dist = _distribution(module)
+    return Path(dist.locate_file(module)) if dist else None
+
+
+def identify_model(spec: TeacherSpec) -> str:
+    """What `spec`'s model files are, read without importing or loading anything: the sha256 of the files that
+    shape its embeddings (after the distribution's name and version for a package), or, for a Hugging Face id,
+    the commit of its cached snapshot ("unpinned" if it is not cached)."""
+    source = spec.resolve()
+    if isinstance(source, str):
+        return _hub_commit(source, spec.revision)
+    if spec.gguf_file:
+        files = [source / spec.gguf_file]
+        if not files[0].exists():
+            raise TeacherError(f"teacher {spec.name!r}: GGUF file {files[0]} does not exist")
+    else:
+        files = sorted({p for pattern in MODEL_FILES for p in source.glob(pattern) if p.is_file()})
+    lines = "".join(f"{p.name} {digest}\n" for p, digest in zip(files, file_sha256(files)))
+    version = f"sha256:{hashlib.sha256(lines.encode()).hexdigest()[:16]}"
+    dist = _distribution(spec.source.split(":", 1)[1]) if spec.source.startswith("package:") else None
+    return f"{dist.metadata['Name']}=={dist.version} {version}" if dist else version
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id; loading says so
+        found = None
+    if isinstance(found, str):  # <cache>/models--org--name/snapshots/<commit>/config.json
+        return f"hub:{repo_id}@{Path(found).parent.name}"
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):  # a commit pins itself
+        return f"hub:{repo_id}@{revision}"
+    return f"hub:{repo_id}@{revision or 'main'} unpinned (not in the local Hugging Face cache)"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(paths: list[Path]) -> list[str]:
+    """The sha256 of each file, cached in <cache_dir>/file-hashes.json by path, size, mtime and ctime: a file is
+    read again only once it has changed (a rewrite sets its ctime, which no tool can set back)."""
+    cache_path = cache_dir() / "file-hashes.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = [], False
+    for path in paths:
+        st = path.stat()  # before reading: a file changed while read is read again next time
+        key, stamp = str(path.absolute()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if not isinstance(cache.get(key), dict) or cache[key].get("stat") != stamp:
+            log.info("hashing %s (%.0f MB; once, until it changes)", path, st.st_size / 1e6)
+            cache[key], changed = {"stat": stamp, "sha256": _sha256(path)}, True
+        out.append(cache[key]["sha256"])
+    if changed:
+        cache = {k: v for k, v in cache.items() if os.path.exists(k)}  # forget deleted files
+        try:
+            atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        except OSError as e:  # a read-only cache only costs hashing again next time
+            log.warning("cannot write %s: %s", cache_path, e)
+    return out
 
 
 def load_registry(extra: str | Path | None = None) -> dict[str, TeacherSpec]:
@@ -92,6 +183,8 @@ def load_registry(extra: str | Path | None = None) -> dict[str, TeacherSpec]:
         for name, fields in data.items():
             if not isinstance(fields, dict):
                 raise ConfigError(f"{path}: teacher {name!r}: expected a mapping of spec fields")
+            if "model_version" in fields:
+                raise ConfigError(f"{path}: teacher {name!r}: model_version is read from the model files, not set")
             registry[name] = from_dict(TeacherSpec, {"name": name, **fields}, where=f"{path}: teacher {name!r}")
     return registry
 

@@ -44,6 +44,16 @@ def test_width_mismatch_is_an_error(tmp_path):
         Teacher(spec)
 
 
+def test_max_length_above_the_models_positions_is_a_config_error_at_load(tmp_path):
+    spec = make_tiny_teacher(tmp_path / "m", "llama")  # max_position_embeddings=128
+    spec.max_length = 128
+    Teacher(spec)
+    spec.max_length = 129
+    with pytest.raises(ConfigError, match=r"teacher 'tiny-llama': max_length 129 is above the model's limit of 128 "
+                                          r"tokens \(max_position_embeddings\); set `max_length:` to at most 128"):
+        Teacher(spec)
+
+
 def test_minilm_is_real_and_semantic():
     teacher = Teacher(get_teacher("minilm"))
     emb = teacher.embed(["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."])
