@@ -81,13 +81,20 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def init_ray(address: str | None = None) -> None:
     """Start (or join) Ray once, and say where its dashboard is."""
     import ray
 
     if ray.is_initialized():
         return
-    ctx = ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=None,
-                   logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a cluster of this machine alone, which this process starts (its processes inherit the env)
+        # Ray Train starts a preemption watcher actor per run to drain spot nodes before they go: a trial's 8th
+        # process, and nothing here can be preempted. A joined cluster (--address, `ray up`) keeps Ray's default.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    ctx = ray.init(address=address, include_dashboard=None, logging_level=logging.WARNING)
     url = getattr(ctx, "dashboard_url", None)
     print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)

@@ -265,6 +265,9 @@ class SearchConfig:
     keep_checkpoints: int = 2  # per trial: the best K by the eval metric (plus the latest)
     max_failures: int = 2  # retries of a trial, and of its Train run, after a crash
     time_budget_s: float | None = None  # stop starting and running trials after this long
+    # The whole search's wall time, from its start: the trials get what data preparation and extraction leave (at
+    # most time_budget_s), less a reserve for the report, so a cold cache or a slow machine cannot make it overrun
+    wall_budget_s: float | None = None
     # Cap every trial's epochs (and so ASHA's max_t) below the space's budget: a large cube on 20k pairs takes
     # hours per epoch budget on a laptop. The schedule then spans the capped run.
     max_epochs: int | None = None
@@ -292,8 +295,10 @@ class SearchConfig:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             raise ValueError(f"name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"time_budget_s must be positive (or unset: no limit), got {self.time_budget_s}")
+        for name in ("time_budget_s", "wall_budget_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive (or unset: no limit), got {value}")
         self.data.validate()
 
 

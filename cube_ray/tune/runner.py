@@ -32,6 +32,8 @@ from cube_ray.tune.study import copy_finished_trials, make_searcher
 log = logging.getLogger("cube_ray.tune")
 
 SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
+REPORT_RESERVE_S = 75.0  # of a wall budget, kept for the report and Ray's shutdown after the trials (~60 s on 2 cores)
+MIN_TRIAL_BUDGET_S = 60.0  # what the trials get however little a wall budget leaves them: enough for a first round
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
@@ -278,12 +280,28 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     data = prepare_run(space.base, search.store, registry)
     exp.mkdir(parents=True, exist_ok=True)
     save_yaml(search, saved)
-    _tuner(search, space, data, restore=resume).fit()
+    _tuner(dataclasses.replace(search, time_budget_s=trial_budget(search, start)), space, data, restore=resume).fit()
     for run_dir in exp.glob("trial_*/train"):  # trials ASHA killed may have left an unregistered checkpoint
         prune_unregistered_checkpoints(run_dir)
     _log_elapsed(exp, time.time() - start)
     build_report(exp)
     return exp
+
+
+def trial_budget(search: SearchConfig, start: float) -> float | None:
+    """The trials' time budget: time_budget_s, cut to what wall_budget_s leaves after the search's set-up (data
+    preparation, extraction) and the report's reserve. (A resumed Tuner keeps the budget of its first session.)"""
+    if not search.wall_budget_s:
+        return search.time_budget_s
+    left = search.wall_budget_s - (time.time() - start) - REPORT_RESERVE_S
+    if left < MIN_TRIAL_BUDGET_S:
+        log.warning("the wall budget (%.0f s) leaves the trials %.0f s after set-up; they get %.0f s, so the search "
+                    "overruns it", search.wall_budget_s, left, MIN_TRIAL_BUDGET_S)
+        left = MIN_TRIAL_BUDGET_S
+    budget = min(left, search.time_budget_s or left)
+    log.info("trials: %.0f s (the wall budget of %.0f s less %.0f s of set-up and %.0f s kept for the report)",
+             budget, search.wall_budget_s, time.time() - start, REPORT_RESERVE_S)
+    return budget
 
 
 def require_state_api() -> None:

@@ -17,7 +17,7 @@ import yaml
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
 from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TRIAL, TRIAL_ID, load_study
-from cube_ray.tune.runner import prune_unregistered_checkpoints, run_search
+from cube_ray.tune.runner import MIN_TRIAL_BUDGET_S, REPORT_RESERVE_S, prune_unregistered_checkpoints, run_search, trial_budget
 
 KEEP = 1
 
@@ -200,6 +200,21 @@ def test_conditional_parameters_are_sampled_only_when_their_condition_holds(smok
 def test_checkpoint_retention_is_bounded_per_trial(smoke):
     for trial in trial_dirs(smoke):
         check_retention(trial)
+
+
+def test_a_wall_budget_gives_the_trials_what_set_up_leaves():
+    """The trials' budget is the wall budget less the set-up so far and the report's reserve, at most time_budget_s;
+    a set-up that ate the wall budget still leaves the trials enough for a first round."""
+    set_up = 200.0
+    start = time.time() - set_up
+    search = SearchConfig(name="x", time_budget_s=600, wall_budget_s=810)
+    assert trial_budget(search, start) == pytest.approx(810 - set_up - REPORT_RESERVE_S, abs=2)
+    assert trial_budget(dataclasses.replace(search, wall_budget_s=2000), start) == 600  # time_budget_s caps it
+    assert trial_budget(dataclasses.replace(search, time_budget_s=None), start) == pytest.approx(535, abs=2)
+    assert trial_budget(dataclasses.replace(search, wall_budget_s=250), start) == MIN_TRIAL_BUDGET_S
+    assert trial_budget(dataclasses.replace(search, wall_budget_s=None), start) == 600  # no wall budget: as set
+    with pytest.raises(ValueError, match="wall_budget_s must be positive"):
+        dataclasses.replace(search, wall_budget_s=-5).validate()
 
 
 def test_a_space_may_not_search_what_trials_share(tmp_path, store):
