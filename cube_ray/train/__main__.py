@@ -10,6 +10,7 @@ from cube_ray.cli import default_store, positive_int, seed_int, setup_logging
 from cube_ray.config import TrainConfig, load_yaml
 from cube_ray.teachers.registry import load_registry
 from cube_ray.train.loop import fit
+from cube_ray.train.snapshot import check_resume_config
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.workers = args.workers
     if args.seed is not None:
         cfg.seed, cfg.data = args.seed, dataclasses.replace(cfg.data, seed=args.seed)
-    cfg.validate()
+    try:  # at the door: a resume with another config than the run's is a usage error, not a traceback
+        cfg.validate()
+        if args.resume:
+            check_resume_config(cfg, Path(args.out).resolve())
+    except ValueError as e:
+        p.error(str(e))
     result = fit(cfg, args.store, args.out, resume=args.resume, registry=load_registry(args.teacher_config),
                  stop_after=args.epochs_this_run)
     last = result.history[-1] if result.history else {}

@@ -160,6 +160,24 @@ def test_resume_refuses_a_search_flag_that_differs_from_the_saved_one(argv, mess
     reliability(outcome="exit 2, each differing flag named with the saved value", lost="nothing")
 
 
+def test_train_resume_with_another_config_is_refused_naming_the_setting(tmp_path, capsys, reliability):
+    from cube_ray.train.__main__ import PRESETS, main
+
+    reliability(scenario="bad flag: python -m cube_ray.train --resume --seed 5 (the run trained with seed 0)",
+                done="argument parsing")
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = out / "config.yaml"
+    saved.write_bytes((PRESETS / "smoke.yaml").read_bytes())
+    before = saved.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "smoke", "--out", str(out), "--resume", "--seed", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "seed: 0 -> 5" in err and "trained with another config" in err, err
+    assert [f for f in tmp_path.rglob("*") if f.is_file()] == [saved] and saved.read_bytes() == before
+    reliability(outcome="exit 2, each differing setting named (saved -> given)", lost="nothing")
+
+
 def test_resume_accepts_per_session_flags_and_repeated_settings(tmp_path, monkeypatch):
     import cube_ray.tune.runner
     from cube_ray.tune.__main__ import main
