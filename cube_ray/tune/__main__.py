@@ -102,7 +102,8 @@ def search_from_flags(args: argparse.Namespace, name: str) -> SearchConfig:
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
         report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
-        time_budget_s=args.time_budget_s or None, wall_budget_s=args.wall_budget_s or None, max_epochs=args.max_epochs, continue_from=args.continue_from,
+        time_budget_s=args.time_budget_s or None, wall_budget_s=args.wall_budget_s or None,
+        max_epochs=args.max_epochs, continue_from=args.continue_from,
         seed=args.seed)
 
 

@@ -293,14 +293,15 @@ def trial_budget(search: SearchConfig, start: float) -> float | None:
     preparation, extraction) and the report's reserve. (A resumed Tuner keeps the budget of its first session.)"""
     if not search.wall_budget_s:
         return search.time_budget_s
-    left = search.wall_budget_s - (time.time() - start) - REPORT_RESERVE_S
+    set_up = time.time() - start
+    left = search.wall_budget_s - set_up - REPORT_RESERVE_S
     if left < MIN_TRIAL_BUDGET_S:
         log.warning("the wall budget (%.0f s) leaves the trials %.0f s after set-up; they get %.0f s, so the search "
                     "overruns it", search.wall_budget_s, left, MIN_TRIAL_BUDGET_S)
         left = MIN_TRIAL_BUDGET_S
     budget = min(left, search.time_budget_s or left)
     log.info("trials: %.0f s (the wall budget of %.0f s less %.0f s of set-up and %.0f s kept for the report)",
-             budget, search.wall_budget_s, time.time() - start, REPORT_RESERVE_S)
+             budget, search.wall_budget_s, set_up, REPORT_RESERVE_S)
     return budget
 
 
