@@ -170,20 +170,28 @@ class Cube(nn.Module):
         self.cfg = cfg
         self.rules = nn.ModuleList(Rule(cfg) for _ in range(cfg.layers))
 
+    def step(self, state: torch.Tensor, u: torch.Tensor, i: int) -> torch.Tensor:
+        """Step i (0-based) from `state` (B, cells, C), u the input field of the same samples: the next state.
+
+        Rows are independent samples, so a caller may step any subset of a batch (halting drops the rows that
+        have stopped) and get those rows of the whole batch's step (in eval; training draws a random mask).
+        """
+        cfg = self.cfg
+        delta = self.rules[i % len(self.rules)](state, u)
+        if self.training and cfg.update_prob < 1:
+            mask = update_mask(state.shape[0], state.shape[1], cfg.update_prob, state.device)
+            state = torch.addcmul(state, delta, mask)
+        else:
+            state = state + delta
+        # A hard box: exactly the identity inside, so the zero-initialised cube is the identity map.
+        # Cells at the bound get no gradient through it; the bound is a guard rail, not a working range.
+        return F.hardtanh(state, -cfg.state_bound, cfg.state_bound)  # = clamp, with a 3x cheaper backward
+
     def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
         """Start from the input field u (B, cells, C) and yield the state after each of `steps` steps."""
-        cfg = self.cfg
         state = u
         for i in range(steps):
-            delta = self.rules[i % len(self.rules)](state, u)
-            if self.training and cfg.update_prob < 1:
-                mask = update_mask(state.shape[0], state.shape[1], cfg.update_prob, state.device)
-                state = torch.addcmul(state, delta, mask)
-            else:
-                state = state + delta
-            # A hard box: exactly the identity inside, so the zero-initialised cube is the identity map.
-            # Cells at the bound get no gradient through it; the bound is a guard rail, not a working range.
-            state = F.hardtanh(state, -cfg.state_bound, cfg.state_bound)  # = clamp, with a 3x cheaper backward
+            state = self.step(state, u, i)
             yield state
 
 

@@ -27,28 +27,32 @@ def _attend(attn: GlobalAttention, x: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class ReferenceCube(nn.Module):
-    """Same `run(u, steps)` interface and parameters as the `Cube` it wraps, computed with plain conv3d."""
+    """Same `step` and `run(u, steps)` interface and parameters as the `Cube` it wraps, computed with plain conv3d."""
 
     def __init__(self, cube: Cube):
         super().__init__()
         self.cube = cube
 
-    def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+    def step(self, state: torch.Tensor, u: torch.Tensor, i: int) -> torch.Tensor:
+        """Step i (0-based) of `Cube.step`, computed channels-first with conv3d."""
         cfg = self.cube.cfg
-        b, n, c = u.shape
+        b, n, c = state.shape
         as_volume = lambda t: t.view(b, *cfg.dims, -1).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
-        u5 = as_volume(u)
-        x = u5
+        x, rule = as_volume(state), self.cube.rules[i % len(self.cube.rules)]
+        features = [x, F.conv3d(x, rule.neighbours, padding=1, groups=c)]
+        if rule.attend is not None:
+            features.append(_attend(rule.attend, x, cfg.attention_grid))
+        if rule.skip_input:
+            features.append(as_volume(u))
+        h = F.relu(F.conv3d(torch.cat(features, 1), rule.w1.weight[..., None, None, None], rule.w1.bias))
+        delta = F.conv3d(h, rule.w2.weight[..., None, None, None], rule.w2.bias)
+        if self.training and cfg.update_prob < 1:
+            delta = delta * as_volume(update_mask(b, n, cfg.update_prob, state.device))
+        x = (x + delta).clamp(-cfg.state_bound, cfg.state_bound)
+        return x.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+
+    def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+        state = u
         for i in range(steps):
-            rule = self.cube.rules[i % len(self.cube.rules)]
-            features = [x, F.conv3d(x, rule.neighbours, padding=1, groups=c)]
-            if rule.attend is not None:
-                features.append(_attend(rule.attend, x, cfg.attention_grid))
-            if rule.skip_input:
-                features.append(u5)
-            h = F.relu(F.conv3d(torch.cat(features, 1), rule.w1.weight[..., None, None, None], rule.w1.bias))
-            delta = F.conv3d(h, rule.w2.weight[..., None, None, None], rule.w2.bias)
-            if self.training and cfg.update_prob < 1:
-                delta = delta * as_volume(update_mask(b, n, cfg.update_prob, u.device))
-            x = (x + delta).clamp(-cfg.state_bound, cfg.state_bound)
-            yield x.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+            state = self.step(state, u, i)
+            yield state
