@@ -9,7 +9,10 @@ Training runs every step and returns the expectation over steps of the readout, 
 E[steps] = sum_n n * p_n; the loss adds lambda * E[steps] (cube_ray.losses.think), which pushes halting
 earlier. The head's bias starts at halt_bias_init = -3 (lambda ~ 0.05), so at first almost all mass sits on late
 steps and training does not collapse to one step. Inference stops each sample once its halting mass reaches
-1 - halt_eps (its remaining mass goes to that step), at max_steps, or when a wall-clock timeout passes.
+1 - halt_eps (its remaining mass goes to that step), at max_steps, or when a wall-clock timeout passes. A sample
+that has halted leaves the batch: the later steps run on the rows still going only (their state and input field
+compacted together), so a batch costs about its mean number of steps, not its slowest sample's. keep_steps=True
+keeps every row in the batch to the end instead, so the per-step readouts are true states (diagnostics only).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ class Pondered:
 
 
 class PonderCube(nn.Module):
-    """A cube plus its halting head. `cube` is any module with Cube's `run(u, steps)` (the reference, in tests)."""
+    """A cube plus its halting head. `cube` is any module with Cube's `run(u, steps)` and `step(state, u, i)`
+    (the reference, in tests)."""
 
     def __init__(self, cfg: CubeConfig, cube: nn.Module | None = None):
         super().__init__()
@@ -61,7 +65,9 @@ class PonderCube(nn.Module):
 
         all_steps (default: when training): run every step, output = sum_n p_n read(state_n). Otherwise halt
         per sample as described above; `timeout` (seconds) cuts that run after the step during which it passes,
-        so at least one step runs. keep_steps: also return every step's readout (for per-step metrics).
+        so at least one step runs. keep_steps: also return every step's readout (for per-step metrics); at
+        inference this steps the whole batch to its last step (no compaction), so a halted sample's later readouts
+        are its true later states, as if it had gone on, and the run costs the slowest sample's steps.
         max_steps: a lower step cap than the config's for this call (a curriculum may raise it over epochs).
         """
         cap = self.cfg.max_steps if max_steps is None else max_steps
@@ -88,29 +94,36 @@ class PonderCube(nn.Module):
     def _halting(self, u, read, timeout, keep_steps, cap) -> Pondered:
         deadline = None if timeout is None else time.monotonic() + timeout
         b = u.shape[0]
-        output, probs, outputs = None, [], []
-        remaining = u.new_ones(b)
+        # Bookkeeping is per batch row; `rows` are the batch rows still stepped, `state` and `u_rows` theirs.
+        rows = torch.arange(b, device=u.device)
+        state, u_rows = u, u
+        output, probs, outputs, timed_out = None, [], [], False
+        remaining = u.new_ones(b)  # prod_{j<n} (1 - lambda_j); 0 once a sample has stopped
         running = torch.ones(b, dtype=torch.bool, device=u.device)
         steps_run = torch.full((b,), cap, dtype=torch.long, device=u.device)
-        timed_out = False
-        for n, state in enumerate(self.cube.run(u, cap), start=1):
-            lam = self._lambda(state, n, cap)
-            stop = running & (remaining * (1 - lam) <= self.cfg.halt_eps)
-            if deadline is not None and time.monotonic() >= deadline and (running & ~stop).any():
-                timed_out, stop = True, running
+        for n in range(1, cap + 1):
+            state = self.cube.step(state, u_rows, n - 1)
+            lam, field = self._lambda(state, n, cap), read(state)
+            rem, live = remaining[rows], running[rows]  # live is all True unless keep_steps
+            stop = live & (rem * (1 - lam) <= self.cfg.halt_eps)
+            if deadline is not None and time.monotonic() >= deadline and (live & ~stop).any():
+                timed_out, stop = True, live
             # A sample that stops now takes all its remaining mass here; a stopped sample adds nothing.
-            p = torch.where(stop, remaining, remaining * lam) * running
-            field = read(state)
-            weighted = p.view(-1, *[1] * (field.dim() - 1)) * field
-            output = weighted if output is None else output + weighted
-            probs.append(p)
+            p = torch.where(stop, rem, rem * lam) * live
+            if output is None:
+                output = field.new_zeros(b, *field.shape[1:])
+            output.index_add_(0, rows, p.view(-1, *[1] * (field.dim() - 1)) * field)
+            probs.append(remaining.new_zeros(b).index_copy_(0, rows, p))  # zeros for the samples already stopped
             if keep_steps:
-                outputs.append(field)
-            remaining = torch.where(stop, 0.0, remaining * (1 - lam))
-            steps_run = torch.where(stop, n, steps_run)
-            running = running & ~stop
+                outputs.append(field)  # rows is the whole batch: keep_steps never compacts
+            remaining[rows] = torch.where(stop, 0.0, rem * (1 - lam))
+            steps_run[rows] = torch.where(stop, n, steps_run[rows])
+            running[rows] = live & ~stop
             if not running.any():
                 break
+            if not keep_steps and stop.any():  # the samples that stopped leave the batch
+                keep = ~stop
+                rows, state, u_rows = rows[keep], state[keep], u_rows[keep]
         p = torch.stack(probs, dim=1)
         steps = torch.arange(1, p.shape[1] + 1, dtype=p.dtype, device=p.device)
         return Pondered(output, p @ steps, p, steps_run, timed_out, outputs or None)
