@@ -26,6 +26,11 @@ os.umask(_UMASK)  # read once: the user's umask, for the modes of the files writ
 LOCK_NAME = ".lock"
 
 
+def cache_dir() -> Path:
+    """Where converted teachers, file hashes, the default store and built kernels live ($CUBE_RAY_CACHE)."""
+    return Path(os.environ.get("CUBE_RAY_CACHE", Path.home() / ".cache" / "cube_ray"))
+
+
 class FolderLocked(RuntimeError):
     """Another process holds the folder's lock: a second search, training or --resume on the same folder."""
 

@@ -5,17 +5,20 @@ state), run a small MLP over those features (1x1x1 convolutions), add the result
 neural cellular automaton; its known stabilisers are all here: the MLP's last layer starts at zero (the cube
 starts as the identity), cells update at random during training, and states stay bounded.
 
-Layout. The state is kept channels-last, (B, cells, C), cells in (d, h, w) row-major order: a face (a D-slice)
-is a contiguous slice, and the per-cell MLP is one product over B * cells rows (`_CellMLP`: oneDNN's fused
-linear + ReLU, 2-3x faster than addmm on these tall, narrow matrices). The depthwise convolution runs on a
-channels-last view of the same memory (`_Depthwise3d`, whose hand-written backward avoids conv3d's slow
-weight gradient). `cube_ray.model.reference.ReferenceCube` computes the same function the obvious
-way, channels-first with conv3d calls; tests hold the two equal, and benchmarks/cube.py measures the fast one
-at 2.5-3x the reference's training throughput on 2 threads.
+Speed. On CPU in float32 a whole step (this rule's update, the mask, the clamp) runs as one fused C kernel,
+forward and backward (cube_ray.model.fused, step_kernel.c, built once per machine and shape): 2-2.5x the
+PyTorch path below in training (benchmarks/cube.py). Elsewhere, or where no C compiler is found, or inside
+`torch_path()`, the step runs on PyTorch ops. Their layout: the state is kept channels-last, (B, cells, C), cells
+in (d, h, w) row-major order: a face (a D-slice) is a contiguous slice, and the per-cell MLP is one product over
+B * cells rows (`_CellMLP`: oneDNN's fused linear + ReLU, 2-3x faster than addmm on these tall, narrow
+matrices). The depthwise convolution runs on a channels-last view of the same memory (`_Depthwise3d`, whose
+hand-written backward avoids conv3d's slow weight gradient). `cube_ray.model.reference.ReferenceCube` computes
+the same function the obvious way, channels-first with conv3d calls; tests hold all three equal.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -25,6 +28,27 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cube_ray.model.config import CubeConfig
+from cube_ray.model.fused import FusedStep, kernel
+
+_TORCH_ONLY = False  # set by torch_path(): FLOP counting (and the tests' comparisons) need PyTorch's own ops
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Within: every cube runs its plain PyTorch path, not the fused kernel (whose work FlopCounterMode cannot see)."""
+    global _TORCH_ONLY
+    before, _TORCH_ONLY = _TORCH_ONLY, True
+    try:
+        yield
+    finally:
+        _TORCH_ONLY = before
+
+
+def _fused_path(rule: "Rule", state: torch.Tensor) -> bool:
+    if _TORCH_ONLY or not state.is_cpu or state.dtype != torch.float32:
+        return False
+    extra = state.shape[-1] * (rule.attend is not None) + state.shape[-1] * rule.skip_input
+    return kernel(state.shape[-1], extra, rule.w1.out_features) is not None
 
 
 class _Depthwise3d(torch.autograd.Function):
@@ -146,6 +170,7 @@ class Rule(nn.Module):
         self.neighbours = nn.Parameter(torch.empty(c, 1, 3, 3, 3).uniform_(-27**-0.5, 27**-0.5))
         self.attend = GlobalAttention(cfg) if cfg.attention else None
         self.skip_input = cfg.skip_input
+        self.state_bound = cfg.state_bound
         self.w1 = nn.Linear(c * (2 + cfg.attention + cfg.skip_input), cfg.hidden)
         self.w2 = nn.Linear(cfg.hidden, c)
         nn.init.zeros_(self.w2.weight)  # the cube starts as the identity map
@@ -160,6 +185,15 @@ class Rule(nn.Module):
             features.append(u)
         x = torch.cat(features, dim=-1).view(b * n, -1)
         return _CellMLP.apply(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias).view(b, n, c)
+
+    def fused_step(self, state: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The whole step (this rule's update, the mask, the clamp) in the fused kernel: cube_ray.model.fused."""
+        b, n, _ = state.shape
+        extra = ([self.attend(state)] if self.attend is not None else []) + ([u] if self.skip_input else [])
+        extra = torch.cat(extra, dim=-1).contiguous() if extra else None
+        mask = None if mask is None else mask.view(b, n).contiguous()
+        return FusedStep.apply(state.contiguous(), extra, self.neighbours, self.w1.weight, self.w1.bias,
+                               self.w2.weight, self.w2.bias, mask, tuple(self.dims), self.state_bound)
 
 
 class Cube(nn.Module):
@@ -177,12 +211,14 @@ class Cube(nn.Module):
         have stopped) and get those rows of the whole batch's step (in eval; training draws a random mask).
         """
         cfg = self.cfg
-        delta = self.rules[i % len(self.rules)](state, u)
+        rule = self.rules[i % len(self.rules)]
+        mask = None
         if self.training and cfg.update_prob < 1:
             mask = update_mask(state.shape[0], state.shape[1], cfg.update_prob, state.device)
-            state = torch.addcmul(state, delta, mask)
-        else:
-            state = state + delta
+        if _fused_path(rule, state):
+            return rule.fused_step(state, u, mask)
+        delta = rule(state, u)
+        state = state + delta if mask is None else torch.addcmul(state, delta, mask)
         # A hard box: exactly the identity inside, so the zero-initialised cube is the identity map.
         # Cells at the bound get no gradient through it; the bound is a guard rail, not a working range.
         return F.hardtanh(state, -cfg.state_bound, cfg.state_bound)  # = clamp, with a 3x cheaper backward
@@ -203,7 +239,7 @@ def count_cost(module: nn.Module, forward: Callable[[], object], batch: int) -> 
     """
     was_training = module.training
     module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
+    with torch.no_grad(), torch_path(), FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
         forward()
     module.train(was_training)
     return {"params": sum(p.numel() for p in module.parameters()),

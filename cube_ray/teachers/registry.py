@@ -14,17 +14,13 @@ from typing import Literal
 import yaml
 
 from cube_ray.config import ConfigError, from_dict
-from cube_ray.fsutil import atomic_write_text
+from cube_ray.fsutil import atomic_write_text, cache_dir
 
 BUILTIN = Path(__file__).parent / "builtin.yaml"
 # The files of a model folder that shape its embeddings: weights, config, tokenizer (a GGUF file holds all three).
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.json", "*.txt", "*.model")
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CUBE_RAY_CACHE", Path.home() / ".cache" / "cube_ray"))
 
 
 class TeacherError(ValueError):

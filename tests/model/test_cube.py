@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from cube_ray.model import CubeConfig, Cube, ReferenceCube, cost
+import contextlib
+import os
+import subprocess
+import sys
+
+from cube_ray.model import AdapterConfig, CubeConfig, Cube, ReferenceCube, Student, cost, fused
 from cube_ray.model import cube as cube_module
-from cube_ray.model.cube import depthwise3d
+from cube_ray.model.cube import depthwise3d, torch_path
+
+PATHS = {"fused": contextlib.nullcontext, "torch": torch_path}  # the fused kernel, and the plain PyTorch ops
 
 
 def random_cube(**kw) -> Cube:
@@ -35,12 +42,14 @@ def run_and_grad(model, cube, u, steps, seed):
     dict(dims=[3, 5, 2], channels=4, layers=3, skip_input=True),
 ])
 @pytest.mark.parametrize("training", [False, True])
-def test_fast_cube_equals_conv3d_reference(kw, training):
+@pytest.mark.parametrize("path", PATHS)
+def test_fast_cube_equals_conv3d_reference(kw, training, path):
     cube = random_cube(**kw)
     reference = ReferenceCube(cube)
     cube.train(training), reference.train(training)
     u = torch.randn(3, cube.cfg.cells, cube.cfg.channels)
-    fast = run_and_grad(cube, cube, u, 5, seed=7)
+    with PATHS[path]():
+        fast = run_and_grad(cube, cube, u, 5, seed=7)
     ref = run_and_grad(reference, cube, u, 5, seed=7)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast[1], ref[1], rtol=1e-4, atol=1e-4)
@@ -52,9 +61,10 @@ def test_plain_linear_fallback_matches(monkeypatch):
     """Off CPU (or without oneDNN) the MLP runs on F.linear; both paths give the same numbers."""
     cube = random_cube(dims=[4, 4, 4])
     u = torch.randn(2, cube.cfg.cells, cube.cfg.channels)
-    onednn = run_and_grad(cube, cube, u, 3, seed=0)
-    monkeypatch.setattr(cube_module, "_ONEDNN", False)
-    plain = run_and_grad(cube, cube, u, 3, seed=0)
+    with torch_path():
+        onednn = run_and_grad(cube, cube, u, 3, seed=0)
+        monkeypatch.setattr(cube_module, "_ONEDNN", False)
+        plain = run_and_grad(cube, cube, u, 3, seed=0)
     torch.testing.assert_close(onednn[0], plain[0])
     for name in onednn[2]:
         torch.testing.assert_close(onednn[2][name], plain[2][name], rtol=1e-4, atol=1e-4)
@@ -93,3 +103,70 @@ def test_cost_counts_parameters_and_flops():
     per_cell_step = 2 * (8 * 27 + 16 * 32 + 32 * 8)  # multiply-adds of the convolution and the two layers
     assert c["flops_per_sample"] == 8 * 768 * per_cell_step
     assert cost(CubeConfig(max_steps=16))["flops_per_sample"] == 2 * c["flops_per_sample"]
+
+
+def test_the_fused_kernel_splits_the_batch_over_threads_with_the_same_result():
+    cube = random_cube(dims=[4, 5, 6], channels=12, skip_input=True).train()
+    u = torch.randn(5, cube.cfg.cells, 12)
+    one = run_and_grad(cube, cube, u, 4, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = run_and_grad(cube, cube, u, 4, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one[0], two[0], rtol=0, atol=0)  # each sample is one thread's: the same sums
+    torch.testing.assert_close(one[1], two[1], rtol=0, atol=0)
+    for name in one[2]:  # the weight gradients add per-thread sums in double: equal to float rounding
+        torch.testing.assert_close(one[2][name], two[2][name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_training_on_the_fused_kernel_matches_the_plain_path():
+    """Twenty Adam steps of a whole student (random update masks, halting, adapters): the same parameters."""
+    def train(path):
+        torch.manual_seed(0)
+        student = Student(CubeConfig(dims=[4, 4, 6], channels=8, max_steps=4), AdapterConfig(), {"t": 32}).train()
+        opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+        x, y = torch.randn(16, 32), torch.randn(16, 32)
+        with PATHS[path]():
+            for _ in range(20):
+                run = student(x, "t")
+                loss = (1 - torch.cosine_similarity(run.output, y, dim=-1)).mean() + 0.01 * run.expected_steps.mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return loss.item(), dict(student.named_parameters())
+    fused_loss, fused_params = train("fused")
+    plain_loss, plain_params = train("torch")
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
+    assert fused_loss < 0.98  # it trained: the loss of a random prediction is ~1
+    for name, p in fused_params.items():
+        torch.testing.assert_close(p, plain_params[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_the_kernel_is_built_once_and_without_a_compiler_the_cube_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBE_RAY_CACHE", str(tmp_path / "cache"))
+    load = "from cube_ray.model.fused import kernel; import sys; sys.exit(kernel(6, 0, 16) is None)"
+    env = {**os.environ, "CUBE_RAY_CACHE": str(tmp_path / "cache")}
+    assert subprocess.run([sys.executable, "-c", load], env=env).returncode == 0
+    [built] = (tmp_path / "cache" / "kernels").glob("cube_step-c6e0h16-*.so")
+    first = built.stat().st_mtime_ns
+    assert subprocess.run([sys.executable, "-c", load], env={**env, "CC": "/bin/false"}).returncode == 0
+    assert built.stat().st_mtime_ns == first  # the second process loaded it; it did not build (or it would fail)
+    assert not list(built.parent.glob(".tmp-*"))
+
+    fused.kernel.cache_clear()
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails, for a shape not built yet
+    try:
+        with pytest.warns(RuntimeWarning, match="fused cube kernel is unavailable.*PyTorch path"):
+            assert fused.kernel(4, 0, 16) is None
+        cube = random_cube(dims=[3, 3, 3], channels=4, hidden=16).eval()
+        u = torch.randn(2, 27, 4)
+        with torch_path():
+            expected = list(cube.run(u, 2))[-1]
+        assert torch.equal(list(cube.run(u, 2))[-1], expected)  # it ran the PyTorch path
+        monkeypatch.setenv("CUBE_RAY_KERNEL", "torch")
+        fused.kernel.cache_clear()
+        assert fused.kernel(6, 0, 16) is None  # chosen on purpose: no warning, no build
+    finally:
+        fused.kernel.cache_clear()
