@@ -91,7 +91,7 @@ def kernel(channels: int, extra: int, hidden: int) -> ctypes.CDLL | None:
         return None
     BUILD_SECONDS[target.name] = time.perf_counter() - start
     lib.cube_step_forward.argtypes = [_I] * 5 + [_P] * 8 + [ctypes.c_float] + [_P] * 3
-    lib.cube_step_backward.argtypes = [_I] * 5 + [_P] * 6 + [ctypes.c_float] + [_P] * 8
+    lib.cube_step_backward.argtypes = [_I] * 5 + [_P] * 6 + [ctypes.c_float] + [_P] * 7
     return lib
 
 
@@ -148,12 +148,12 @@ class FusedStep(torch.autograd.Function):
         (b, n, c), e = state.shape, 0 if extra is None else extra.shape[-1]
         neighbours_shape, (hidden, features), _ = ctx.shapes
         lib, g_out = kernel(c, e, hidden), g_out.contiguous()  # held: the kernel reads its memory
-        g_state, g_nb = torch.empty_like(state), torch.empty_like(state)
+        g_state = torch.empty_like(state)
         g_extra = state.new_empty(b, n, e) if e else None
         grads = state.new_empty(lib.cube_step_grads())
         lib.cube_step_backward(b, *ctx.dims, torch.get_num_threads(), _ptr(state), _ptr(extra), _ptr(dw),
                                _ptr(w1p), _ptr(w2p), _ptr(mask), ctx.bound, _ptr(nb), _ptr(h), _ptr(out),
-                               _ptr(g_out), _ptr(g_state), _ptr(g_extra), _ptr(g_nb), _ptr(grads))
+                               _ptr(g_out), _ptr(g_state), _ptr(g_extra), _ptr(grads))
         cp, hp = dw.shape[1], w1p.shape[0]
         g_dw, g_w1, g_b1, g_w2, g_b2 = grads.split([27 * cp, hp * w1p.shape[1], hp, c * hp, cp])
         g_w1 = g_w1.view(hp, -1)[:hidden, _feature_index(c, e)]

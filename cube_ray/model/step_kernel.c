@@ -46,7 +46,7 @@ typedef struct {
     float bound;
     const float *state, *extra, *dw, *w1t, *b1v, *w2t, *b2v, *w1, *w2, *mask, *nb, *h, *out, *g_out;
     float *out_w, *nb_w, *h_w;        /* forward outputs (nb_w, h_w NULL: nothing kept for backward) */
-    float *g_state, *g_extra, *g_nb;  /* backward outputs (g_extra may be NULL) and scratch */
+    float *g_state, *g_extra;         /* backward outputs (g_extra may be NULL) */
     double *acc;                      /* backward: this thread's gradient sums, GRADS of them */
 } Job;
 
@@ -281,11 +281,11 @@ void cube_step_forward(int B, int D, int H, int W, int threads, const float *sta
 void cube_step_backward(int B, int D, int H, int W, int threads, const float *state, const float *extra,
                         const float *dw, const float *w1, const float *w2, const float *mask, float bound,
                         const float *nb, const float *h, const float *out, const float *g_out, float *g_state,
-                        float *g_extra, float *g_nb, float *grads) {
+                        float *g_extra, float *grads) {
     double *acc = calloc((size_t)(threads > 1 ? threads : 1) * GRADS, sizeof(double));
     Job j = {.D = D, .H = H, .W = W, .bound = bound, .state = state, .extra = extra, .dw = dw, .w1 = w1,
              .w2 = w2, .mask = mask, .nb = nb, .h = h, .out = out, .g_out = g_out, .g_state = g_state,
-             .g_extra = g_extra, .g_nb = g_nb};
+             .g_extra = g_extra};
     const int used = run_jobs(&j, B, threads, backward_job, acc);
     for (int i = 0; i < GRADS; i++) {
         double total = 0;
