@@ -193,7 +193,8 @@ class Rule(nn.Module):
         extra = torch.cat(extra, dim=-1).contiguous() if extra else None
         mask = None if mask is None else mask.view(b, n).contiguous()
         return FusedStep.apply(state.contiguous(), extra, self.neighbours, self.w1.weight, self.w1.bias,
-                               self.w2.weight, self.w2.bias, mask, tuple(self.dims), self.state_bound)
+                               self.w2.weight, self.w2.bias, mask, tuple(self.dims), self.state_bound,
+                               torch.is_grad_enabled())
 
 
 class Cube(nn.Module):

@@ -122,17 +122,17 @@ class FusedStep(torch.autograd.Function):
     """out = clamp(state + mask * W2 relu(W1 [state, depthwise(state), extra] + b1) + b2): one step of a Rule.
 
     state (B, N, C), extra (B, N, E) or None (attention output, input field), mask (B, N) of 0 or 1/p or None,
-    dims the lattice's (D, H, W). Backward gives every tensor input its gradient; the weight gradients are summed
+    dims the lattice's (D, H, W); keep: keep what backward needs (the caller knows whether grad mode is on,
+    forward does not: it always runs without). Backward gives every tensor input its gradient; the weight gradients are summed
     in double precision.
     """
 
     @staticmethod
-    def forward(ctx, state, extra, neighbours, w1, b1, w2, b2, mask, dims, bound):
+    def forward(ctx, state, extra, neighbours, w1, b1, w2, b2, mask, dims, bound, keep):
         b, n, c = state.shape
         e, hidden = 0 if extra is None else extra.shape[-1], w1.shape[0]
         lib, weights = kernel(c, e, hidden), _padded_weights(neighbours, w1, b1, w2, b2, c, e)
         out = torch.empty_like(state)
-        keep = any(ctx.needs_input_grad)
         nb = torch.empty_like(state) if keep else None
         h = state.new_empty(b, n, hidden) if keep else None
         lib.cube_step_forward(b, *dims, torch.get_num_threads(), _ptr(state), _ptr(extra), _ptr(weights["dw"]),
@@ -158,4 +158,4 @@ class FusedStep(torch.autograd.Function):
         g_dw, g_w1, g_b1, g_w2, g_b2 = grads.split([27 * cp, hp * w1p.shape[1], hp, c * hp, cp])
         g_w1 = g_w1.view(hp, -1)[:hidden, _feature_index(c, e)]
         return (g_state, g_extra, g_dw.view(27, cp)[:, :c].t().reshape(neighbours_shape), g_w1,
-                g_b1[:hidden], g_w2.view(c, hp)[:, :hidden], g_b2[:c], None, None, None)
+                g_b1[:hidden], g_w2.view(c, hp)[:, :hidden], g_b2[:c], None, None, None, None)

@@ -98,57 +98,83 @@ static inline void gather(const Padded *p, const float *cell, const float *dw, i
 
 static inline float clamp(float t, float bound) { return t > bound ? bound : (t < -bound ? -bound : t); }
 
+/* hid = relu(W1 f + b1) and delta = W2 hid + b2 for two cells a and b at once: every weight vector is loaded once
+   for both, and each cell's sums run in two independent chains (they are latency-bound otherwise). */
+static inline void mlp2(const Job *j, const float *fa, const float *fb, float *ha, float *hb, float *da, float *db) {
+    vf a[HV], b[HV];
+    UNROLL for (int v = 0; v < HV; v++) a[v] = b[v] = V(j->b1v + 8 * v);
+    for (int i = 0; i < FP; i++) {
+        const vf x = bcast(fa[i]), y = bcast(fb[i]);
+        UNROLL for (int v = 0; v < HV; v++) {
+            const vf w = V(j->w1t + i * HP + 8 * v);
+            a[v] += w * x;
+            b[v] += w * y;
+        }
+    }
+    UNROLL for (int v = 0; v < HV; v++) { V(ha + 8 * v) = relu(a[v]); V(hb + 8 * v) = relu(b[v]); }
+    vf a0[NV], a1[NV], b0[NV], b1[NV];
+    UNROLL for (int v = 0; v < NV; v++) { a0[v] = b0[v] = V(j->b2v + 8 * v); a1[v] = b1[v] = bcast(0.f); }
+    for (int k = 0; k < HP; k += 2) {  /* the hidden padding is zero */
+        const vf x0 = bcast(ha[k]), x1 = bcast(ha[k + 1]), y0 = bcast(hb[k]), y1 = bcast(hb[k + 1]);
+        UNROLL for (int v = 0; v < NV; v++) {
+            const vf w0 = V(j->w2t + k * CP + 8 * v), w1 = V(j->w2t + (k + 1) * CP + 8 * v);
+            a0[v] += w0 * x0;
+            a1[v] += w1 * x1;
+            b0[v] += w0 * y0;
+            b1[v] += w1 * y1;
+        }
+    }
+    UNROLL for (int v = 0; v < NV; v++) { V(da + 8 * v) = a0[v] + a1[v]; V(db + 8 * v) = b0[v] + b1[v]; }
+}
+
+/* Per sample, pass 1 over all cells: the features [state | nb | extra] into a per-sample table (and the outputs
+   of the cells that do not update); pass 2: the MLP of the updating cells, two at a time. */
 static void *forward_job(void *arg) {
     const Job *j = arg;
     const int N = j->D * j->H * j->W;
     Padded sp;
     padded_init(&sp, j);
-    float f[FP] __attribute__((aligned(32))), hid[HP] __attribute__((aligned(32)));
-    memset(f, 0, sizeof f);
+    float *feat = aligned_alloc(32, (size_t)N * FP * sizeof(float));
+    int *active = malloc((size_t)(N + 1) * sizeof(int));
+    memset(feat, 0, (size_t)N * FP * sizeof(float));
+    float ha[HP] __attribute__((aligned(32))), hb[HP] __attribute__((aligned(32)));
+    float da[CP] __attribute__((aligned(32))), db[CP] __attribute__((aligned(32)));
     for (int b = j->b0; b < j->b1; b++) {
         padded_fill(&sp, j, j->state + (size_t)b * N * C);
+        const size_t row0 = (size_t)b * N;
+        int n_active = 0;
         for (int d = 0, n = 0; d < j->D; d++) for (int y = 0; y < j->H; y++) for (int x = 0; x < j->W; x++, n++) {
-            const size_t row = (size_t)b * N + n;
-            const float m = j->mask ? j->mask[row] : 1.f;
             const float *cell = padded_at(&sp, d, y, x);
-            float *o = j->out_w + row * C;
+            float *f = feat + (size_t)n * FP;
             vf acc[NV];
             gather(&sp, cell, j->dw, 1, acc);
             UNROLL for (int v = 0; v < NV; v++) { V(f + 8 * v) = V(cell + 8 * v); V(f + CP + 8 * v) = acc[v]; }
-            if (j->nb_w) memcpy(j->nb_w + row * C, f + CP, C * sizeof(float));
-            if (m == 0.f) {  /* not updated this step: the MLP's result would be multiplied by 0 */
+            if (j->nb_w) memcpy(j->nb_w + (row0 + n) * C, f + CP, C * sizeof(float));
+            if (j->mask && j->mask[row0 + n] == 0.f) {  /* not updated: the MLP's result would be multiplied by 0 */
+                float *o = j->out_w + (row0 + n) * C;
                 for (int c = 0; c < C; c++) o[c] = clamp(f[c], j->bound);
-                if (j->h_w) memset(j->h_w + row * HD, 0, HD * sizeof(float));
+                if (j->h_w) memset(j->h_w + (row0 + n) * HD, 0, HD * sizeof(float));
                 continue;
             }
-            if (E) memcpy(f + 2 * CP, j->extra + row * E, E * sizeof(float));
-            /* two (first layer) and four (second) independent partial sums: the sums are latency-bound chains */
-            vf h0[HV], h1[HV], d0[NV], d1[NV], d2[NV], d3[NV];
-            UNROLL for (int v = 0; v < HV; v++) { h0[v] = V(j->b1v + 8 * v); h1[v] = bcast(0.f); }
-            for (int i = 0; i < FP; i += 2) {
-                const vf f0 = bcast(f[i]), f1 = bcast(f[i + 1]);
-                UNROLL for (int v = 0; v < HV; v++) {
-                    h0[v] += V(j->w1t + i * HP + 8 * v) * f0;
-                    h1[v] += V(j->w1t + (i + 1) * HP + 8 * v) * f1;
-                }
+            if (E) memcpy(f + 2 * CP, j->extra + (row0 + n) * E, E * sizeof(float));
+            active[n_active++] = n;
+        }
+        if (n_active % 2) active[n_active] = active[n_active - 1];  /* an odd last cell is paired with itself */
+        for (int t = 0; t < n_active; t += 2) {
+            const int na = active[t], nb = active[t + 1];
+            mlp2(j, feat + (size_t)na * FP, feat + (size_t)nb * FP, ha, hb, da, db);
+            for (int pick = 0; pick < 2; pick++) {
+                const int n = pick ? nb : na;
+                const float *f = feat + (size_t)n * FP, *delta = pick ? db : da, *hid = pick ? hb : ha;
+                const float m = j->mask ? j->mask[row0 + n] : 1.f;
+                float *o = j->out_w + (row0 + n) * C;
+                for (int c = 0; c < C; c++) o[c] = clamp(f[c] + m * delta[c], j->bound);
+                if (j->h_w) memcpy(j->h_w + (row0 + n) * HD, hid, HD * sizeof(float));
             }
-            UNROLL for (int v = 0; v < HV; v++) V(hid + 8 * v) = relu(h0[v] + h1[v]);
-            if (j->h_w) memcpy(j->h_w + row * HD, hid, HD * sizeof(float));
-            UNROLL for (int v = 0; v < NV; v++) { d0[v] = V(j->b2v + 8 * v); d1[v] = d2[v] = d3[v] = bcast(0.f); }
-            for (int k = 0; k < HP; k += 4) {  /* hid's padding is zero */
-                const vf k0 = bcast(hid[k]), k1 = bcast(hid[k + 1]), k2 = bcast(hid[k + 2]), k3 = bcast(hid[k + 3]);
-                UNROLL for (int v = 0; v < NV; v++) {
-                    d0[v] += V(j->w2t + k * CP + 8 * v) * k0;
-                    d1[v] += V(j->w2t + (k + 1) * CP + 8 * v) * k1;
-                    d2[v] += V(j->w2t + (k + 2) * CP + 8 * v) * k2;
-                    d3[v] += V(j->w2t + (k + 3) * CP + 8 * v) * k3;
-                }
-            }
-            float delta[CP] __attribute__((aligned(32)));
-            UNROLL for (int v = 0; v < NV; v++) V(delta + 8 * v) = (d0[v] + d1[v]) + (d2[v] + d3[v]);
-            for (int c = 0; c < C; c++) o[c] = clamp(f[c] + m * delta[c], j->bound);
         }
     }
+    free(active);
+    free(feat);
     free(sp.buf);
     return NULL;
 }
