@@ -117,7 +117,9 @@ PHASES = {
     "worker process -> training function (imports, Train worker setup)": lambda t, tr, w: w["start"] - max(w["process_start"], tr["fit_start"]),
     "worker setup: data (train shard hand-over, picking split)": lambda t, tr, w: w["data_done"] - w["start"],
     "worker setup: student, optimiser, resume": lambda t, tr, w: w["model_done"] - w["data_done"],
-    "worker setup: batch probe": lambda t, tr, w: w["setup_done"] - w["model_done"],
+    "worker setup: cube kernel (built once per machine and shape, else loaded)":
+        lambda t, tr, w: w["kernel_done"] - w["model_done"],
+    "worker setup: batch probe": lambda t, tr, w: w["setup_done"] - w.get("kernel_done", w["model_done"]),
     "setup -> first report (training, scoring, checkpoint)": lambda t, tr, w: w["first_report"] - w["setup_done"],
     "scoring (rounds' slice and epochs' whole split)": lambda t, tr, w: w.get("score_s", 0.0),
     "checkpoints and reports": lambda t, tr, w: w.get("checkpoint_s", 0.0),

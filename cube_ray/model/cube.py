@@ -47,8 +47,12 @@ def torch_path() -> Iterator[None]:
 def _fused_path(rule: "Rule", state: torch.Tensor) -> bool:
     if _TORCH_ONLY or not state.is_cpu or state.dtype != torch.float32:
         return False
-    extra = state.shape[-1] * (rule.attend is not None) + state.shape[-1] * rule.skip_input
-    return kernel(state.shape[-1], extra, rule.w1.out_features) is not None
+    return _rule_kernel(rule) is not None
+
+
+def _rule_kernel(rule: "Rule"):
+    c = rule.neighbours.shape[0]
+    return kernel(c, c * (rule.attend is not None) + c * rule.skip_input, rule.w1.out_features)
 
 
 class _Depthwise3d(torch.autograd.Function):
@@ -223,6 +227,11 @@ class Cube(nn.Module):
         # A hard box: exactly the identity inside, so the zero-initialised cube is the identity map.
         # Cells at the bound get no gradient through it; the bound is a guard rail, not a working range.
         return F.hardtanh(state, -cfg.state_bound, cfg.state_bound)  # = clamp, with a 3x cheaper backward
+
+    def prepare(self) -> None:
+        """Build (once per machine and shape) or load every rule's fused kernel now, not in the first step."""
+        for rule in self.rules:
+            _rule_kernel(rule)
 
     def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
         """Start from the input field u (B, cells, C) and yield the state after each of `steps` steps."""

@@ -183,6 +183,8 @@ def setup_worker(config: dict) -> Worker:
     share = cfg.batch_size // world + (rank < cfg.batch_size % world)
     sizer = BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, ctx.get_local_world_size()), cfg.max_micro_batch)
     timing["model_done"] = now()
+    student.core.cube.prepare()  # the fused kernel: built once per machine and shape, else loaded
+    timing["kernel_done"] = now()
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:

@@ -1,7 +1,7 @@
 """Where a run's wall time goes: wall-clock stamps and summed seconds in `<out>/timing.json`.
 
     {"trial": {"start": t, "fit_start": t, "fit_end": t},            written by a search's trial driver
-     "worker": {"process_start": t, "start": t, "data_done": t, "model_done": t, "setup_done": t,
+     "worker": {"process_start": t, "start": t, "data_done": t, "model_done": t, "kernel_done": t, "setup_done": t,
                 "first_report": t, "last_report": t, "score_s": s, "checkpoint_s": s, "reports": n}}
                                                                       written by rank 0 at every report
 

@@ -89,7 +89,8 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
         assert f"over the {complete} trials the study holds as complete, fewer than 10: these shares are noise" in report
     assert "| base preset (trial " in report  # the best trial against the base preset's, on held-out data
     assert {"Train controller and worker group start -> worker process", "whole trial (proposed -> ended)",
-            "worker setup: batch probe"} <= set(figures["trial_cost"])
+            "worker setup: batch probe", "worker setup: cube kernel (built once per machine and shape, else loaded)"
+            } <= set(figures["trial_cost"])
     assert all(p["trials"] >= 1 and p["median_s"] >= 0 for p in figures["trial_cost"].values())
     best = Path((smoke / "best_checkpoint").read_text().strip())
     assert best.parent.name == f"trial_{figures['best']['trial']}"
