@@ -62,6 +62,16 @@ def _build(target: Path, compiler: str, defines: list[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_own(library: Path) -> None:
+    """Loading a shared library runs its code: load only one this user owns, in a folder no one else can write."""
+    for path in (library, library.parent):
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o002:
+            raise PermissionError(f"{path} belongs to user id {info.st_uid} or is writable by everyone (mode "
+                                  f"{info.st_mode & 0o777:o}): not loading code from it; remove it, or set "
+                                  "CUBE_RAY_CACHE to a folder of your own")
+
+
 def _pad8(n: int) -> int:
     return -(-n // 8) * 8
 
@@ -83,8 +93,9 @@ def kernel(channels: int, extra: int, hidden: int) -> ctypes.CDLL | None:
                 raise RuntimeError("no C compiler (gcc or cc) on PATH")
             _build(target, compiler, defines)
             log.info("built the fused cube kernel %s in %.1f s", target.name, time.perf_counter() - start)
+        _check_own(target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:  # PermissionError is an OSError
         detail = getattr(err, "stderr", "") or err
         warnings.warn(f"the fused cube kernel is unavailable ({detail}); the cube runs its slower PyTorch path",
                       RuntimeWarning, stacklevel=2)

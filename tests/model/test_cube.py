@@ -154,6 +154,9 @@ def test_the_kernel_is_built_once_and_without_a_compiler_the_cube_falls_back(tmp
     assert subprocess.run([sys.executable, "-c", load], env={**env, "CC": "/bin/false"}).returncode == 0
     assert built.stat().st_mtime_ns == first  # the second process loaded it; it did not build (or it would fail)
     assert not list(built.parent.glob(".tmp-*"))
+    built.chmod(0o757)  # writable by everyone: anyone could have swapped the code
+    refused = subprocess.run([sys.executable, "-W", "always", "-c", load], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "writable by everyone" in refused.stderr and "PyTorch path" in refused.stderr
 
     fused.kernel.cache_clear()
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails, for a shape not built yet
