@@ -45,14 +45,11 @@ def torch_path() -> Iterator[None]:
 
 
 def _fused_path(rule: "Rule", state: torch.Tensor) -> bool:
+    """Whether this rule steps `state` in the fused kernel (building or loading it on first use)."""
     if _TORCH_ONLY or not state.is_cpu or state.dtype != torch.float32:
         return False
-    return _rule_kernel(rule) is not None
-
-
-def _rule_kernel(rule: "Rule"):
     c = rule.neighbours.shape[0]
-    return kernel(c, c * (rule.attend is not None) + c * rule.skip_input, rule.w1.out_features)
+    return kernel(c, c * (rule.attend is not None) + c * rule.skip_input, rule.w1.out_features) is not None
 
 
 class _Depthwise3d(torch.autograd.Function):
@@ -174,7 +171,6 @@ class Rule(nn.Module):
         self.neighbours = nn.Parameter(torch.empty(c, 1, 3, 3, 3).uniform_(-27**-0.5, 27**-0.5))
         self.attend = GlobalAttention(cfg) if cfg.attention else None
         self.skip_input = cfg.skip_input
-        self.state_bound = cfg.state_bound
         self.w1 = nn.Linear(c * (2 + cfg.attention + cfg.skip_input), cfg.hidden)
         self.w2 = nn.Linear(cfg.hidden, c)
         nn.init.zeros_(self.w2.weight)  # the cube starts as the identity map
@@ -190,14 +186,14 @@ class Rule(nn.Module):
         x = torch.cat(features, dim=-1).view(b * n, -1)
         return _CellMLP.apply(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias).view(b, n, c)
 
-    def fused_step(self, state: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def fused_step(self, state: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, bound: float) -> torch.Tensor:
         """The whole step (this rule's update, the mask, the clamp) in the fused kernel: cube_ray.model.fused."""
         b, n, _ = state.shape
         extra = ([self.attend(state)] if self.attend is not None else []) + ([u] if self.skip_input else [])
         extra = torch.cat(extra, dim=-1).contiguous() if extra else None
         mask = None if mask is None else mask.view(b, n).contiguous()
         return FusedStep.apply(state.contiguous(), extra, self.neighbours, self.w1.weight, self.w1.bias,
-                               self.w2.weight, self.w2.bias, mask, tuple(self.dims), self.state_bound,
+                               self.w2.weight, self.w2.bias, mask, tuple(self.dims), bound,
                                torch.is_grad_enabled())
 
 
@@ -221,7 +217,7 @@ class Cube(nn.Module):
         if self.training and cfg.update_prob < 1:
             mask = update_mask(state.shape[0], state.shape[1], cfg.update_prob, state.device)
         if _fused_path(rule, state):
-            return rule.fused_step(state, u, mask)
+            return rule.fused_step(state, u, mask, cfg.state_bound)
         delta = rule(state, u)
         state = state + delta if mask is None else torch.addcmul(state, delta, mask)
         # A hard box: exactly the identity inside, so the zero-initialised cube is the identity map.
@@ -230,8 +226,8 @@ class Cube(nn.Module):
 
     def prepare(self) -> None:
         """Build (once per machine and shape) or load every rule's fused kernel now, not in the first step."""
-        for rule in self.rules:
-            _rule_kernel(rule)
+        for rule in self.rules:  # the parameters' device and dtype are the states'
+            _fused_path(rule, rule.neighbours)
 
     def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
         """Start from the input field u (B, cells, C) and yield the state after each of `steps` steps."""

@@ -34,7 +34,6 @@ from cube_ray.fsutil import cache_dir
 
 SOURCE = Path(__file__).with_name("step_kernel.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
-BUILD_SECONDS: dict[str, float] = {}  # {library: seconds to build or load it} in this process (trial cost)
 
 log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
@@ -100,7 +99,6 @@ def kernel(channels: int, extra: int, hidden: int) -> ctypes.CDLL | None:
         warnings.warn(f"the fused cube kernel is unavailable ({detail}); the cube runs its slower PyTorch path",
                       RuntimeWarning, stacklevel=2)
         return None
-    BUILD_SECONDS[target.name] = time.perf_counter() - start
     lib.cube_step_forward.argtypes = [_I] * 5 + [_P] * 8 + [ctypes.c_float] + [_P] * 3
     lib.cube_step_backward.argtypes = [_I] * 5 + [_P] * 6 + [ctypes.c_float] + [_P] * 7
     return lib
@@ -134,8 +132,8 @@ class FusedStep(torch.autograd.Function):
 
     state (B, N, C), extra (B, N, E) or None (attention output, input field), mask (B, N) of 0 or 1/p or None,
     dims the lattice's (D, H, W); keep: keep what backward needs (the caller knows whether grad mode is on,
-    forward does not: it always runs without). Backward gives every tensor input its gradient; the weight gradients are summed
-    in double precision.
+    forward does not: it always runs without). Backward gives every tensor input its gradient; the weight
+    gradients are summed in double precision.
     """
 
     @staticmethod
@@ -150,14 +148,13 @@ class FusedStep(torch.autograd.Function):
                               _ptr(weights["w1t"]), _ptr(weights["b1"]), _ptr(weights["w2t"]), _ptr(weights["b2"]),
                               _ptr(mask), bound, _ptr(out), _ptr(nb), _ptr(h))
         ctx.save_for_backward(state, extra, weights["dw"], weights["w1"], weights["w2"], mask, nb, h, out)
-        ctx.dims, ctx.bound, ctx.shapes = dims, bound, (neighbours.shape, w1.shape, w2.shape)
+        ctx.dims, ctx.bound, ctx.neighbours_shape = dims, bound, neighbours.shape
         return out
 
     @staticmethod
     def backward(ctx, g_out):
         state, extra, dw, w1p, w2p, mask, nb, h, out = ctx.saved_tensors
-        (b, n, c), e = state.shape, 0 if extra is None else extra.shape[-1]
-        neighbours_shape, (hidden, features), _ = ctx.shapes
+        (b, n, c), e, hidden = state.shape, 0 if extra is None else extra.shape[-1], h.shape[-1]
         lib, g_out = kernel(c, e, hidden), g_out.contiguous()  # held: the kernel reads its memory
         g_state = torch.empty_like(state)
         g_extra = state.new_empty(b, n, e) if e else None
@@ -168,5 +165,5 @@ class FusedStep(torch.autograd.Function):
         cp, hp = dw.shape[1], w1p.shape[0]
         g_dw, g_w1, g_b1, g_w2, g_b2 = grads.split([27 * cp, hp * w1p.shape[1], hp, c * hp, cp])
         g_w1 = g_w1.view(hp, -1)[:hidden, _feature_index(c, e)]
-        return (g_state, g_extra, g_dw.view(27, cp)[:, :c].t().reshape(neighbours_shape), g_w1,
+        return (g_state, g_extra, g_dw.view(27, cp)[:, :c].t().reshape(ctx.neighbours_shape), g_w1,
                 g_b1[:hidden], g_w2.view(c, hp)[:, :hidden], g_b2[:c], None, None, None, None)
