@@ -24,7 +24,8 @@ from cube_ray.config import DataConfig
 from cube_ray.data.prepare import prepare
 from cube_ray.extract import extract_teacher
 from cube_ray.store import SHARD_SIZE, EmbeddingStore, shard_order
-from cube_ray.teachers import Teacher, get_teacher
+from cube_ray.teachers import get_teacher
+from cube_ray.teachers.model import Teacher
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import ray
 
-    from cube_ray.train.loop import fit
+    from cube_ray.train.run import fit
 
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR")
     rows, start = {}, time.perf_counter()

@@ -31,9 +31,10 @@ from cube_ray.store import EmbeddingStore
 from cube_ray.teachers import get_teacher
 from cube_ray.train.batching import BatchSizer
 from cube_ray.train.data import load_split
-from cube_ray.train.loop import Run, fit, take, train_step
+from cube_ray.train.run import fit
 from cube_ray.train.snapshot import build_student
-from cube_ray.train.state import TrainState, seed_everything
+from cube_ray.train.state import Run, TrainState, seed_everything
+from cube_ray.train.step import take, train_step
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -7,7 +7,7 @@ import math
 import os
 
 from cube_ray.config import MAX_SEED, DataConfig
-from cube_ray.teachers.model import cache_dir
+from cube_ray.fsutil import cache_dir
 
 
 def int_in(low: int, high: int | None = None):

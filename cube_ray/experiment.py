@@ -17,7 +17,7 @@ ASHA_STOPPED = "asha_stopped.json"
 TRIAL = "trial.json"
 FINISHED = "finished.json"
 
-# What each report carries for Tune and Optuna (train/loop.py writes them)
+# What each report carries for Tune and Optuna (train/loop.py writes them, on each worker)
 ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric
 FINAL_METRIC = "best_eval"  # the best whole-split score so far: a complete trial's value
 STEP = "samples_seen"  # ASHA's time attribute and Optuna's step

@@ -22,7 +22,7 @@ from cube_ray.data.readers import read_pairs
 from cube_ray.metrics import Centering, dedup_pool
 from cube_ray.model import Student
 from cube_ray.store import EmbeddingStore
-from cube_ray.teachers import Teacher
+from cube_ray.teachers.model import Teacher
 from cube_ray.train.data import load_split
 from cube_ray.train.snapshot import load_snapshot
 from cube_ray.train.state import seed_everything

@@ -91,7 +91,7 @@ def retrain_and_evaluate(args, exp: Path) -> None:
     from cube_ray.checkpoint import load_checkpoint
     from cube_ray.config import TrainConfig, load_yaml
     from cube_ray.evaluate import comparison
-    from cube_ray.train.loop import fit, prepare_run
+    from cube_ray.train.run import fit, prepare_run
     from cube_ray.train.snapshot import load_for_eval
 
     torch.use_deterministic_algorithms(True)  # the evaluation below (training runs in Ray's workers)

@@ -9,7 +9,7 @@ from cube_ray.checkpoint import CheckpointError
 from cube_ray.config import DataConfig, TrainConfig
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig, Student
 from cube_ray.train.data import Pairs
-from cube_ray.train.loop import fit
+from cube_ray.train.run import fit
 from cube_ray.train.snapshot import load_for_eval
 from tests.conftest import write_jsonl
 

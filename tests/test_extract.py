@@ -11,7 +11,8 @@ from cube_ray.config import ConfigError, DataConfig
 from cube_ray.data.prepare import prepare
 from cube_ray.extract import extract_teacher, main
 from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, pairs_dataset, shard_order, split_embeddings
-from cube_ray.teachers import Teacher, get_teacher
+from cube_ray.teachers import get_teacher
+from cube_ray.teachers.model import Teacher
 from tests.conftest import make_tiny_teacher, write_jsonl
 
 

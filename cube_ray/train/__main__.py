@@ -9,7 +9,7 @@ from pathlib import Path
 from cube_ray.cli import default_store, positive_int, seed_int, setup_logging
 from cube_ray.config import TrainConfig, load_yaml
 from cube_ray.teachers.registry import load_registry
-from cube_ray.train.loop import fit
+from cube_ray.train.run import fit
 from cube_ray.train.snapshot import check_resume_config
 
 PRESETS = Path(__file__).parent / "presets"

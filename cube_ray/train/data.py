@@ -44,17 +44,15 @@ def load_split(store: EmbeddingStore, dataset_id: str, split: str, specs: dict[s
                  table.column("answer").to_pylist(), q, a, table.column("doc_id").to_pylist())
 
 
-def load_shard(iterator, teachers: list[str]) -> Pairs:
-    """One worker's shard from a Ray DataIterator, sorted by id so its order never depends on block arrival."""
-    cols: dict[str, list] = {k: [] for k in ("id", "question", "answer", *(f"{s}_{t}" for t in teachers for s in "qa"))}
-    for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
-        for k in cols:
-            cols[k].append(batch[k])
-    if not cols["id"]:
+def load_shard(blocks: list[dict[str, np.ndarray]], teachers: list[str]) -> Pairs:
+    """One worker's shard from its blocks (dicts of NumPy columns, as `prepare_run` left them in Ray's object
+    store), sorted by id so its order never depends on how the rows were cut into blocks."""
+    blocks = [b for b in blocks if len(b["id"])]
+    if not blocks:
         raise ValueError("this worker's shard of the train split is empty: use fewer workers or more data")
-    ids = np.concatenate(cols["id"])
+    ids = np.concatenate([b["id"] for b in blocks])
     order = np.argsort(ids, kind="stable")
-    pick = lambda k: np.concatenate(cols[k])[order]  # noqa: E731
+    pick = lambda k: np.concatenate([b[k] for b in blocks])[order]  # noqa: E731
     return Pairs([str(i) for i in ids[order]], list(pick("question")), list(pick("answer")),
                  {t: torch.from_numpy(np.ascontiguousarray(pick(f"q_{t}"), dtype=np.float32)) for t in teachers},
                  {t: torch.from_numpy(np.ascontiguousarray(pick(f"a_{t}"), dtype=np.float32)) for t in teachers})

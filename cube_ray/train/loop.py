@@ -1,10 +1,9 @@
-"""Data-parallel cube training on Ray Train.
+"""Data-parallel cube training, worker side: what each Ray Train worker runs (`train/run.py` starts them).
 
-`fit(cfg, store, dataset_id, out)` starts a TorchTrainer with `cfg.workers` CPU workers; each runs
-`train_loop_per_worker`:
+`train_loop_per_worker(config)`:
 
-  1. read its shard of the train split (a Ray Dataset of pairs with embeddings, split deterministically by the
-     driver) into tensors, and the selection split from the store (`val` where the data has one, else `eval`);
+  1. read its shard of the train split (NumPy blocks the driver left in Ray's object store, split deterministically)
+     into tensors, and the selection split from the store (`val` where the data has one, else `eval`);
   2. centre every teacher on the train mean (all-reduced over workers), build the student (same seed on every
      rank, so DDP starts from identical weights), the optimiser and the schedule;
   3. resume from the latest checkpoint if Ray hands one over (a restarted worker or `--resume`): weights,
@@ -18,13 +17,10 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,26 +30,24 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from cube_ray.config import TrainConfig, from_dict, save_yaml, to_dict
+from cube_ray.config import TrainConfig, from_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import retrieval_agreement, student_metrics
 from cube_ray.experiment import DONE_TRAINING
-from cube_ray.fsutil import folder_lock, recover_swap
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
-from cube_ray.store import EmbeddingError, EmbeddingStore
+from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.snapshot import build_student, check_resume_config, check_widths, resume_snapshot, save_snapshot
+from cube_ray.train.run import SNAPSHOT_PREFIX
+from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
 
 log = logging.getLogger("cube_ray.train")
-HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-SNAPSHOT_PREFIX = ".tmp-snapshot-"  # a save in progress inside the run folder (a killed save leaves one: fit removes it)
 # The batch sizer's probe: the bytes autograd saves grow linearly with the samples (the default cube's 7,112 KiB per
 # sample measure the same at 4, 8 and 32), so 8 samples measure what 32 would at a third of the probe's time.
 PROBE_SIZE = 8
@@ -123,6 +117,13 @@ class Worker:
     timing: dict = dataclasses.field(default_factory=dict)  # timing.json's "worker" part (rank 0 writes it)
 
 
+def _data_parallel(student: torch.nn.Module) -> torch.nn.Module:
+    """The student wrapped in DDP over TorchTrainer's process group (several workers only)."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
 def round_slice(pairs: Pairs, size: int, seed: int) -> Pairs:
     """A fixed, seeded slice of `size` queries (the whole split when it is smaller): every round of every trial of a
     search scores the same queries, so rounds are cheap and comparable; epoch ends score the whole split."""
@@ -135,8 +136,8 @@ def round_slice(pairs: Pairs, size: int, seed: int) -> Pairs:
 
 def setup_worker(config: dict) -> Worker:
     """Read the data, build the student, optimiser and schedule, and continue from a checkpoint if there is one."""
+    import ray
     import ray.train
-    import ray.train.torch
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
     specs = {n: TeacherSpec(name=n, **s) for n, s in config["teachers"].items()}
@@ -146,7 +147,7 @@ def setup_worker(config: dict) -> Worker:
     timing = {"process_start": psutil.Process().create_time(), "start": now()}
     torch.set_num_threads(cfg.cpus_per_worker)
     store = EmbeddingStore(config["store"])
-    shard = load_shard(ray.train.get_dataset_shard(f"train_{rank}"), cfg.teachers)
+    shard = load_shard(ray.get(config["shards"][rank]), cfg.teachers)
     centres = _centres(cfg, shard, world)
     shard = shard.centred(centres)
     eval_pairs = load_split(store, config["dataset_id"], selection_split(config["data_ref"]["splits"]), specs).centred(centres)
@@ -155,8 +156,7 @@ def setup_worker(config: dict) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     student = build_student(cfg, widths)
-    model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else student
+    model = _data_parallel(student) if world > 1 else student
     optimizer = make_optimizer(cfg, student.parameters())
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
     schedule = make_schedule(cfg, optimizer, steps_per_epoch)
@@ -333,148 +333,3 @@ def train_loop_per_worker(config: dict) -> dict:
     return {"epochs": state.epoch, "stopped": w.run.stop, "history": state.history,
             "batch_decisions": state.batch_decisions, "worker_peak_rss_mb": _peak_rss_mb(w.world),
             "resumed_from": w.resumed_from}
-
-
-@dataclasses.dataclass
-class FitResult:
-    out: Path
-    history: list[dict[str, float]]
-    stopped: str
-    batch_decisions: list[str]
-    worker_peak_rss_mb: list[float]  # each worker's peak RSS, in rank order (of the last attempt)
-    resumed_from: str | None  # the checkpoint the last attempt continued from
-
-
-@dataclasses.dataclass
-class RunData:
-    """What a run reads, made once: the prepared split, the teachers, and one materialised train shard per worker.
-
-    A search makes it in its driver and hands it to every trial (same data, teachers and workers per trial)."""
-
-    store: str
-    dataset_id: str
-    specs: dict[str, TeacherSpec]
-    rows: int
-    parts: list  # ray.data.MaterializedDataset per worker
-    data_ref: dict
-
-
-def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, TeacherSpec] | None = None) -> RunData:
-    """Prepare the data (contamination check included), extract what the store lacks, and shard the train split."""
-    import ray
-
-    from cube_ray.cli import init_ray
-    from cube_ray.data.prepare import prepare
-    from cube_ray.extract import extract_all
-    from cube_ray.store import pairs_dataset
-    from cube_ray.teachers.registry import get_teacher
-
-    specs = {t: get_teacher(t, registry) for t in cfg.teachers}
-    store = EmbeddingStore(store_root)
-    prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
-    init_ray()  # training needs Ray whether or not extraction does
-    extract_all(prepared.unique_texts(), list(specs.values()), store)
-    entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
-    rows = prepared.manifest["splits"]["train"]["rows"]
-    if rows < cfg.workers:
-        raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
-    # Deterministic shards: row ranges of the split table, in file order, one per worker. They are materialised
-    # (in the object store, not the driver) before training: workers that hold every CPU would otherwise starve
-    # the read tasks of a streaming dataset and wait for them forever.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = pairs_dataset(prepared.dir, "train", entries)
-    try:
-        parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
-            else [train.materialize()]
-    except Exception as e:  # bad embeddings in the store surface inside Ray Data's task error: say just that
-        message = _embedding_error(e)
-        if message is None:
-            raise
-        raise EmbeddingError(f"store {store.root}: {message}") from None
-    for part in parts:  # workers read their shard once; the epoch log is the progress
-        part.context.enable_progress_bars = False
-    widths = {t: entries[t].info["width"] for t in cfg.teachers}
-    data_ref = {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
-                "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
-                "entries": {t: str(e.dir) for t, e in entries.items()}}
-    return RunData(str(store.root), prepared.dataset_id, specs, rows, parts, data_ref)
-
-
-def _embedding_error(error: BaseException) -> str | None:
-    """The EmbeddingError message inside a Ray Data failure. Ray Data hands the driver a RayTaskError wrapping a
-    UserCodeException whose original exception survives only as traceback text, so read it from there."""
-    marker = f"{EmbeddingError.__module__}.{EmbeddingError.__name__}: "
-    for line in str(error).splitlines():
-        if marker in line:
-            return line.split(marker, 1)[1].strip()
-    return None
-
-
-def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
-        registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
-        stop_after: int | None = None, data: RunData | None = None, lock: bool = True) -> FitResult:
-    """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
-
-    stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
-    continues from `out/latest` exactly where it stopped. data: made by `prepare_run` already (a search's trials).
-    lock: hold `out`'s lock for the run (FolderLocked if another process holds it); a search's trials pass False,
-    their folders lie inside the experiment its driver holds locked.
-    """
-    cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
-    out = Path(out).resolve()
-    # This driver holds the lock until the run ends (its Ray Train workers write into `out` under it): a second
-    # training or --resume into the same folder is refused at once, before it could overwrite or prune this one's
-    # checkpoints, and what killed runs left here can be repaired without racing a live one.
-    with folder_lock(out, "training run") if lock else contextlib.nullcontext():
-        return _fit(cfg, out, store_root, resume, registry, run_config_kwargs, stop_after, data)
-
-
-def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_config_kwargs, stop_after,
-         data: RunData | None) -> FitResult:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    # Ray Train's controller collects a worker's report only when it polls (every 2 s by default) and a worker's
-    # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
-    # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
-    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
-    for name in ("latest", "best_eval", "best_loss"):  # a save killed between its two renames left one aside
-        recover_swap(out / name)
-    for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if (out / "latest").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
-                              f"or choose another --out")
-    if resume and not (out / "latest").exists():
-        raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
-    if resume:
-        check_resume_config(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    data = data or prepare_run(cfg, store_root, registry)
-    if len(data.parts) != cfg.workers or list(data.specs) != cfg.teachers:
-        raise ValueError(f"the prepared data has {len(data.parts)} shard(s) for teachers {list(data.specs)}; this run "
-                         f"needs {cfg.workers} for {cfg.teachers}")
-    run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
-                  # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
-                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                                  checkpoint_score_attribute="eval",
-                                                                  checkpoint_score_order="max"),
-                  "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
-    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-                                                  for t, s in data.specs.items()},
-              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
-              "stop_after": stop_after, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets={f"train_{k}": part for k, part in enumerate(data.parts)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-        run_config=ray.train.RunConfig(**run_kwargs))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    ret = result.return_value or {}
-    return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
-                     ret.get("worker_peak_rss_mb", []), ret.get("resumed_from"))

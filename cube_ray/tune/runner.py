@@ -6,7 +6,7 @@
    prepare the data (the contamination check refuses a bad split here, before any trial) and extract every
    teacher's embeddings once; all trials read the same store.
 2. A Tune trial is a small driver (`run_trial`, 0 CPUs): it builds the trial's TrainConfig and calls `fit`, whose
-   TorchTrainer workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
+   Ray Train workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
    continues its own run from the latest checkpoint, and `TuneReportCallback` hands every round's metrics to Tune.
 3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs counted in training samples
    (`samples_seen`), so a trial can be stopped long before its first epoch ends; OptunaSearch (TPE with the space's
@@ -121,7 +121,7 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cube_ray.train.loop import fit
+    from cube_ray.train.run import fit
 
     # The trial folder in the experiment (not Tune's local staging copy, which a stopped trial never syncs back):
     # checkpoints land where a restarted trial, --resume and the report look for them.
@@ -255,7 +255,7 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     from cube_ray.cli import default_store, init_ray
     from cube_ray.report import build_report
     from cube_ray.teachers.registry import load_registry
-    from cube_ray.train.loop import prepare_run
+    from cube_ray.train.run import prepare_run
 
     saved = exp / SEARCH
     if resume:

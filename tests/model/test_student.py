@@ -182,7 +182,8 @@ def test_student_translates_between_teachers():
 def test_overfits_64_real_squad_pairs():
     """The bundled sample's first 64 question -> answer pairs, embedded by the real minilm teacher."""
     from cube_ray.data.readers import read_pairs, sample_paths
-    from cube_ray.teachers import Teacher, get_teacher
+    from cube_ray.teachers import get_teacher
+    from cube_ray.teachers.model import Teacher
 
     pairs = read_pairs(sample_paths()[0], limit=64)
     teacher = Teacher(get_teacher("minilm"))

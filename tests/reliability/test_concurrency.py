@@ -15,7 +15,7 @@ from cube_ray.config import SearchConfig, TrainConfig
 from cube_ray.fsutil import FolderLocked, folder_lock
 from cube_ray.store import EmbeddingStore, shard_order
 from cube_ray.teachers.registry import get_teacher
-from cube_ray.train.loop import fit
+from cube_ray.train.run import fit
 from cube_ray.tune.runner import run_search
 
 KEEPER = """

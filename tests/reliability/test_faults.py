@@ -25,7 +25,7 @@ from cube_ray.extract import extract_teacher
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.store import EmbeddingError, EmbeddingStore, Entry, shard_order
 from cube_ray.teachers.registry import get_teacher
-from cube_ray.train.loop import fit
+from cube_ray.train.run import fit
 from cube_ray.train.snapshot import load_for_eval, load_snapshot
 
 LIMIT = 300

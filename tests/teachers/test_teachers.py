@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cube_ray.config import ConfigError
-from cube_ray.teachers import Teacher, TeacherError, get_teacher, load_registry
+from cube_ray.teachers import TeacherError, get_teacher, load_registry
+from cube_ray.teachers.model import Teacher
 from cube_ray.teachers.pooling import pool
 from cube_ray.teachers.registry import TeacherSpec
 from tests.conftest import make_tiny_teacher

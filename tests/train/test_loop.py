@@ -1,16 +1,18 @@
 """Ray Train cube training on a real local Ray, the real minilm teacher and the bundled SQuAD sample."""
 import dataclasses
 
+import numpy as np
 import pytest
+import ray
 import torch
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, TrainConfig
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
-from cube_ray.train.loop import fit
 from cube_ray.evaluate import student_metrics
 from cube_ray.store import EmbeddingStore
-from cube_ray.train.data import load_split
+from cube_ray.train.data import load_shard, load_split
+from cube_ray.train.run import fit, prepare_run
 from cube_ray.train.snapshot import load_for_eval, load_snapshot
 
 
@@ -175,3 +177,19 @@ def test_distill_mode_with_two_teachers(store, tmp_path):
     row = result.history[0]
     assert {"train/minilm/cosine", "train/tiny-llama/cosine", "weight/minilm", "weight/tiny-llama"} <= set(row)
     assert row["weight/minilm"] == pytest.approx(0.5)
+
+
+def test_each_worker_gets_its_row_range_of_the_train_split_as_numpy_blocks(store):
+    """The driver reads the train split once (Ray Data) and leaves worker k rows [k·N/W, (k+1)·N/W) in the object
+    store as plain NumPy columns: what a worker loads is exactly the split's rows, embeddings included."""
+    data = prepare_run(small(workers=2), store)
+    blocks = [ray.get(refs) for refs in data.shards]
+    assert all(isinstance(b["q_minilm"], np.ndarray) for bs in blocks for b in bs)
+    split = load_split(EmbeddingStore(store), data.dataset_id, "train", data.specs)
+    half = data.rows // 2
+    for rows, bs in zip([range(half), range(half, data.rows)], blocks):
+        shard = load_shard(bs, ["minilm"])
+        order = sorted(rows, key=lambda i: split.ids[i])  # a shard is sorted by id
+        assert shard.ids == [split.ids[i] for i in order]
+        assert torch.equal(shard.q["minilm"], split.q["minilm"][order])
+        assert torch.equal(shard.a["minilm"], split.a["minilm"][order])

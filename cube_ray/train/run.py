@@ -1,0 +1,192 @@
+"""A training run, driver side: prepare the data once, hand each Ray Train worker its shard, start the trainer.
+
+    fit(cfg, store, out) -> FitResult      checkpoints, config.yaml and timing.json land under `out`
+
+`prepare_run` reads the prepared split through Ray Data (contamination check, extraction of what the store lacks,
+one deterministic row range per worker) and leaves each worker's shard in Ray's object store as NumPy blocks;
+`fit` starts the trainer whose workers run `train/loop.py`. This module never imports torch: a search's trial
+driver and Ray Train's controller run it (or unpickle what it hands them), and each would pay ~2 s of CPU per
+trial to import torch for nothing. One worker trains with Ray Train's plain data-parallel trainer; several train
+with `TorchTrainer`, whose torch.distributed process group DDP needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+from cube_ray.config import TrainConfig, save_yaml, to_dict
+from cube_ray.fsutil import folder_lock, recover_swap
+from cube_ray.store import EmbeddingError, EmbeddingStore
+from cube_ray.teachers.registry import TeacherSpec
+
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+SNAPSHOT_PREFIX = ".tmp-snapshot-"  # a save in progress inside the run folder (a killed save leaves one: fit removes it)
+
+
+@dataclasses.dataclass
+class FitResult:
+    out: Path
+    history: list[dict[str, float]]
+    stopped: str
+    batch_decisions: list[str]
+    worker_peak_rss_mb: list[float]  # each worker's peak RSS, in rank order (of the last attempt)
+    resumed_from: str | None  # the checkpoint the last attempt continued from
+
+
+@dataclasses.dataclass
+class RunData:
+    """What a run reads, made once: the prepared split, the teachers, and one train shard per worker.
+
+    A search makes it in its driver and hands it to every trial (same data, teachers and workers per trial)."""
+
+    store: str
+    dataset_id: str
+    specs: dict[str, TeacherSpec]
+    rows: int
+    shards: list[list]  # per worker, the ObjectRefs of its shard's blocks (dicts of NumPy columns)
+    data_ref: dict
+
+
+def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, TeacherSpec] | None = None) -> RunData:
+    """Prepare the data (contamination check included), extract what the store lacks, and shard the train split."""
+    import ray
+
+    from cube_ray.cli import init_ray
+    from cube_ray.data.prepare import prepare
+    from cube_ray.extract import extract_all
+    from cube_ray.store import pairs_dataset
+    from cube_ray.teachers.registry import get_teacher
+
+    specs = {t: get_teacher(t, registry) for t in cfg.teachers}
+    store = EmbeddingStore(store_root)
+    prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
+    init_ray()  # training needs Ray whether or not extraction does
+    extract_all(prepared.unique_texts(), list(specs.values()), store)
+    entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
+    rows = prepared.manifest["splits"]["train"]["rows"]
+    if rows < cfg.workers:
+        raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
+    # Deterministic shards: row ranges of the split table, in file order, one per worker, each handed over as the
+    # ObjectRefs of its NumPy blocks. A worker then needs neither Ray Data nor Ray Train's dataset manager (an actor
+    # per run, ~3 s of CPU per trial here). The blocks are made before training: workers that hold every CPU would
+    # otherwise starve the tasks that make them and wait for them forever.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = pairs_dataset(prepared.dir, "train", entries)
+    train.context.enable_progress_bars = False  # one short read; the epoch log is the progress
+    try:
+        parts = train.split_at_indices([rows * k // cfg.workers for k in range(1, cfg.workers)]) if cfg.workers > 1 \
+            else [train]
+        shards = [part.to_numpy_refs() for part in parts]
+        ray.wait([ref for shard in shards for ref in shard], num_returns=sum(map(len, shards)), fetch_local=False)
+    except Exception as e:  # bad embeddings in the store surface inside Ray Data's task error: say just that
+        message = _embedding_error(e)
+        if message is None:
+            raise
+        raise EmbeddingError(f"store {store.root}: {message}") from None
+    widths = {t: entries[t].info["width"] for t in cfg.teachers}
+    data_ref = {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
+                "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
+                "entries": {t: str(e.dir) for t, e in entries.items()}}
+    return RunData(str(store.root), prepared.dataset_id, specs, rows, shards, data_ref)
+
+
+def _embedding_error(error: BaseException) -> str | None:
+    """The EmbeddingError message inside a Ray Data failure. Ray Data hands the driver a RayTaskError wrapping a
+    UserCodeException whose original exception survives only as traceback text, so read it from there."""
+    marker = f"{EmbeddingError.__module__}.{EmbeddingError.__name__}: "
+    for line in str(error).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
+
+
+def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool = False,
+        registry: dict[str, TeacherSpec] | None = None, run_config_kwargs: dict | None = None,
+        stop_after: int | None = None, data: RunData | None = None, lock: bool = True) -> FitResult:
+    """Prepare and (if needed) extract the data, then train with Ray Train; checkpoints land under `out`.
+
+    stop_after: train at most this many epochs in this call (the schedule still spans cfg.epochs); `resume=True`
+    continues from `out/latest` exactly where it stopped. data: made by `prepare_run` already (a search's trials).
+    lock: hold `out`'s lock for the run (FolderLocked if another process holds it); a search's trials pass False,
+    their folders lie inside the experiment its driver holds locked.
+    """
+    cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
+    out = Path(out).resolve()
+    # This driver holds the lock until the run ends (its Ray Train workers write into `out` under it): a second
+    # training or --resume into the same folder is refused at once, before it could overwrite or prune this one's
+    # checkpoints, and what killed runs left here can be repaired without racing a live one.
+    with folder_lock(out, "training run") if lock else contextlib.nullcontext():
+        return _fit(cfg, out, store_root, resume, registry, run_config_kwargs, stop_after, data)
+
+
+def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_config_kwargs, stop_after,
+         data: RunData | None) -> FitResult:
+    import ray.train
+
+    from cube_ray.train.snapshot import check_resume_config
+
+    # Ray Train's controller collects a worker's report only when it polls (every 2 s by default) and a worker's
+    # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
+    # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
+    for name in ("latest", "best_eval", "best_loss"):  # a save killed between its two renames left one aside
+        recover_swap(out / name)
+    for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if (out / "latest").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a training run (latest/); pass --resume to continue it, "
+                              f"or choose another --out")
+    if resume and not (out / "latest").exists():
+        raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
+    if resume:
+        check_resume_config(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    data = data or prepare_run(cfg, store_root, registry)
+    if len(data.shards) != cfg.workers or list(data.specs) != cfg.teachers:
+        raise ValueError(f"the prepared data has {len(data.shards)} shard(s) for teachers {list(data.specs)}; this "
+                         f"run needs {cfg.workers} for {cfg.teachers}")
+    run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
+                  # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
+                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                                  checkpoint_score_attribute="eval",
+                                                                  checkpoint_score_order="max"),
+                  "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
+    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+                                                  for t, s in data.specs.items()},
+              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
+              "stop_after": stop_after, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref,
+              "shards": data.shards}
+    result = trainer_class(cfg.workers)(
+        train_on_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(**run_kwargs)).fit()
+    if result.error:
+        raise result.error
+    ret = result.return_value or {}
+    return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
+                     ret.get("worker_peak_rss_mb", []), ret.get("resumed_from"))
+
+
+def trainer_class(workers: int):
+    """TorchTrainer where DDP needs its process group; else Ray Train's data-parallel trainer with the default
+    backend, which sets up nothing, so neither the controller nor the worker group imports torch to start."""
+    if workers > 1:
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer
+
+
+def train_on_worker(config: dict) -> dict:
+    """Ray Train's worker function. Ray pickles it by reference to this torch-free module, so the processes that
+    only pass it on (the trial driver, Ray Train's controller) import no torch; the worker imports the loop here."""
+    from cube_ray.train.loop import train_loop_per_worker
+
+    return train_loop_per_worker(config)
