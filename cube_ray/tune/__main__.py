@@ -23,10 +23,11 @@ SAMPLE_VAL_FRACTION = 0.25
 # ... and the trials get 10 minutes: cold extraction (~3.5 min), the search and the report finish in ~14 minutes on 2 cores.
 TIME_BUDGET_S = 600
 # On a slower machine (or a busy one) extraction takes longer (5.5 min on a 2-core machine with half the matmul rate):
-# the bundled default's whole search, set-up and report included, keeps to 13.5 minutes, so the README's first
-# command (pip's ~30 s included) ends within 15; the trials get what extraction leaves, at most TIME_BUDGET_S.
-SAMPLE_WALL_BUDGET_S = 810
-# A trial's fixed cost here is ~30 s (Tune ~6 s, Ray Train's controller and worker group ~15 s, setup ~4 s), so on
+# the bundled default's whole search, set-up and report included, keeps to 14 minutes, so the README's first
+# command (pip's ~25 s included) ends within 15; the trials get what extraction leaves, at most TIME_BUDGET_S.
+SAMPLE_WALL_BUDGET_S = 840
+# A trial's fixed cost here is ~20 s on an idle machine and twice that beside a training trial (Tune ~3 s, Ray
+# Train's controller ~6 s, its worker group ~5 s, the worker's imports ~3 s, setup ~2 s), so on
 # the sample's 396 train pairs (an epoch is 448 samples) the search screens more configs with shorter rungs than
 # stage247's: rounds and grace of 512 samples, rungs at 512 and 1,536, and 4 epochs for a trial no rung stops.
 SAMPLE_SCHEDULE = {"report_every_samples": 512, "grace_samples": 512, "max_epochs": 4}

@@ -32,7 +32,9 @@ from cube_ray.tune.study import copy_finished_trials, make_searcher
 log = logging.getLogger("cube_ray.tune")
 
 SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
-REPORT_RESERVE_S = 75.0  # of a wall budget, kept for the report and Ray's shutdown after the trials (~60 s on 2 cores)
+# Of a wall budget, kept for what follows the trials: the last ones' teardown, the report, Ray's shutdown (32 s
+# measured twice on 2 cores at half the usual matmul rate, with 8 and with 18 trials)
+REPORT_RESERVE_S = 45.0
 MIN_TRIAL_BUDGET_S = 60.0  # what the trials get however little a wall budget leaves them: enough for a first round
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
