@@ -6,6 +6,8 @@
                  trial_<id>/trial.json     the trial's sampled values, flat
                  trial_<id>/finished.json  the trial's training ran to its end (all epochs, or its own early stop)
                  trial_<id>/latest/, best_eval/, best_loss/, train/ (Ray's checkpoints), timing.json
+                 trial_<id>/.tmp-snapshot-*  a checkpoint being saved (any training run's folder; fit removes a
+                                             killed save's)
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ STUDY = "study.journal"
 ASHA_STOPPED = "asha_stopped.json"
 TRIAL = "trial.json"
 FINISHED = "finished.json"
+SNAPSHOT_PREFIX = ".tmp-snapshot-"
 
 # What each report carries for Tune and Optuna (train/loop.py writes them, on each worker)
 ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric

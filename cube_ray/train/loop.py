@@ -33,7 +33,7 @@ import torch.distributed as dist
 from cube_ray.config import TrainConfig, from_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import retrieval_agreement, student_metrics
-from cube_ray.experiment import DONE_TRAINING
+from cube_ray.experiment import DONE_TRAINING, SNAPSHOT_PREFIX
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingStore
@@ -41,7 +41,6 @@ from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.run import SNAPSHOT_PREFIX
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from cube_ray.config import TrainConfig, save_yaml, to_dict
+from cube_ray.experiment import SNAPSHOT_PREFIX
 from cube_ray.fsutil import folder_lock, recover_swap
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-SNAPSHOT_PREFIX = ".tmp-snapshot-"  # a save in progress inside the run folder (a killed save leaves one: fit removes it)
 
 
 @dataclasses.dataclass
@@ -71,8 +71,8 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     if rows < cfg.workers:
         raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
     # Deterministic shards: row ranges of the split table, in file order, one per worker, each handed over as the
-    # ObjectRefs of its NumPy blocks. A worker then needs neither Ray Data nor Ray Train's dataset manager (an actor
-    # per run, ~3 s of CPU per trial here). The blocks are made before training: workers that hold every CPU would
+    # ObjectRefs of its NumPy blocks, so a run starts no dataset manager (Ray Train's actor for `datasets=`: one more
+    # process per trial, ~3 s of CPU here). The blocks are made before training: workers that hold every CPU would
     # otherwise starve the tasks that make them and wait for them forever.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = pairs_dataset(prepared.dir, "train", entries)
@@ -127,8 +127,6 @@ def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_co
          data: RunData | None) -> FitResult:
     import ray.train
 
-    from cube_ray.train.snapshot import check_resume_config
-
     # Ray Train's controller collects a worker's report only when it polls (every 2 s by default) and a worker's
     # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
     # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
@@ -143,6 +141,8 @@ def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_co
     if resume and not (out / "latest").exists():
         raise FileNotFoundError(f"--resume: {out / 'latest'} does not exist; nothing to resume")
     if resume:
+        from cube_ray.train.snapshot import check_resume_config  # torch: only a resume needs it
+
         check_resume_config(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
