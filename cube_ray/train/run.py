@@ -71,9 +71,9 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     if rows < cfg.workers:
         raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
     # Deterministic shards: row ranges of the split table, in file order, one per worker, each handed over as the
-    # ObjectRefs of its NumPy blocks, so a run starts no dataset manager (Ray Train's actor for `datasets=`: one more
-    # process per trial, ~3 s of CPU here). The blocks are made before training: workers that hold every CPU would
-    # otherwise starve the tasks that make them and wait for them forever.
+    # ObjectRefs of its NumPy blocks: a worker reads its shard with one ray.get instead of running a Ray Data
+    # executor of its own over a `datasets=` shard. The blocks are made before training: workers that hold every CPU
+    # would otherwise starve the tasks that make them and wait for them forever.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = pairs_dataset(prepared.dir, "train", entries)
     train.context.enable_progress_bars = False  # one short read; the epoch log is the progress
