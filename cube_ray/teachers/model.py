@@ -6,6 +6,8 @@ safetensors under the cache folder and later loads (every Ray actor, every run) 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -46,8 +48,9 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
     if (converted / "config.json").exists():
         return AutoTokenizer.from_pretrained(converted), AutoModel.from_pretrained(converted, dtype=dtype)
     log.info("teacher %s: de-quantising %s (once; cached in %s)", spec.name, gguf.name, converted)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-    model = AutoModel.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype)
+    with _parse_gguf_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+        model = AutoModel.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype)
     tmp = converted.with_name(f".tmp-{converted.name}-{os.getpid()}")
     try:
         tokenizer.save_pretrained(tmp)
@@ -59,6 +62,23 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
         log.warning("teacher %s: could not cache the converted model: %s", spec.name, e)
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer, model
+
+
+@contextlib.contextmanager
+def _parse_gguf_once():
+    """transformers parses a GGUF file three times to convert it (tokenizer, config, weights), ~10 s each for SmolLM2's
+    49k-token vocabulary, and builds gguf's tensor-name table once per module of the model (395 times, ~8 s). During
+    one conversion each is made once, with the same result (SmolLM2's cold load here: 47 s -> 20 s). transformers
+    imports both names from `gguf` when it calls them, so they are swapped on that module and put back after."""
+    import gguf
+
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
 
 
 def check_max_length(spec: TeacherSpec, config, tokenizer) -> None:
