@@ -41,9 +41,13 @@ def study_storage(exp: Path):
 
 
 def load_study(exp: Path):
-    """The experiment's study (named after the experiment folder); None where there is no study file."""
+    """The experiment's study (named after the experiment folder); None where there is no study file. A folder
+    moved or renamed since keeps its study under the old name: where the journal holds one study, that is it."""
     import optuna
 
     if not (Path(exp) / STUDY).exists():
         return None
-    return optuna.load_study(study_name=Path(exp).name, storage=study_storage(exp))
+    storage = study_storage(exp)
+    names = [s.study_name for s in storage.get_all_studies()]
+    name = names[0] if len(names) == 1 else Path(exp).name
+    return optuna.load_study(study_name=name, storage=storage)
