@@ -59,7 +59,7 @@ def search(args) -> Path:
 def save_search(exp: Path) -> None:
     """Copy the search's report, plots and per-trial histories (small) beside the study report."""
     from cube_ray.config import SearchConfig, load_yaml
-    from cube_ray.report import load_trials
+    from cube_ray.trials import load_trials
 
     dest = OUT / "search"
     dest.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def report() -> Path:
     runs = sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")),
                   key=lambda r: (r["config"], not r["center"], r["seed"]))
     summary = summarise(runs)
-    made = plots(summary, runs)
+    plots(summary, runs)
     cost, best = search["cost"], search["best"]
     scored = [t for t in trials if t["history"]]
     teachers = list(data["teachers"])
