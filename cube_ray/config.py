@@ -263,7 +263,7 @@ class SearchConfig:
     reduction_factor: int | None = None  # keep the best 1/reduction_factor at each rung
     report_every_samples: int | None = None  # a round's length (None: the space's base preset's)
     keep_checkpoints: int = 2  # per trial: the best K by the eval metric (plus the latest)
-    max_failures: int = 2  # retries of a trial, and of its Train run, after a crash
+    max_failures: int = 2  # retries of a trial after a crash (it resumes from its latest checkpoint)
     time_budget_s: float | None = None  # stop starting and running trials after this long
     # The whole search's wall time, from its start: the trials get what data preparation and extraction leave (at
     # most time_budget_s), less a reserve for the report, so a cold cache or a slow machine cannot make it overrun

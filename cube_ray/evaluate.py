@@ -7,7 +7,8 @@ Every number ranks the split's de-duplicated answer pool by cosine (R@1, R@5, MR
 the gold answer. With centring on (the checkpoint says), model inputs, targets, the pool and the baselines are
 all centred on the train mean of that teacher. With `--pairs`, those pairs are embedded with the checkpoint's
 teachers (through the store, so a second run is a cache hit) and become the eval split; baselines are still
-fitted on the checkpoint's training split.
+fitted on the checkpoint's training split. Below the table, the research plan's success criteria for this
+checkpoint, each against its threshold (cube_ray/criteria.py; under "criteria" in `--json`).
 """
 from __future__ import annotations
 
@@ -17,24 +18,13 @@ import sys
 
 import torch
 
+from cube_ray import criteria
 from cube_ray.baselines import BASELINES, baselines
 from cube_ray.metrics import agreement, dedup_pool, reconstruction_cosine, retrieval_entropy, retrieval_metrics, top1
 from cube_ray.model import Student
 from cube_ray.train.data import Pairs
 
 ROWS = ("model", *BASELINES)
-
-
-@torch.no_grad()
-def predict(student: Student, teacher: str, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, float]:
-    """Predictions by the halting gate (inference), and the mean number of steps the samples ran."""
-    student.eval()
-    preds, steps = [], []
-    for i in range(0, len(x), chunk):
-        out = student(x[i:i + chunk], teacher)
-        preds.append(out.output)
-        steps.append(out.steps_run.float())
-    return torch.cat(preds), torch.cat(steps).mean().item()
 
 
 def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> dict[str, dict[str, float]]:
@@ -44,10 +34,10 @@ def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> d
     for t in pairs.q:
         answers = pairs.a[t][torch.as_tensor(pool.first)]
         if mode == "autoencoder":
-            pred, steps = predict(student, t, pairs.a[t])
+            pred, steps = student.predict(pairs.a[t], t)
             out[t] = {"recon_cos": reconstruction_cosine(pred, pairs.a[t]), "steps": steps}
             continue
-        pred, steps = predict(student, t, pairs.q[t])
+        pred, steps = student.predict(pairs.q[t], t)
         out[t] = {**retrieval_metrics(pred, pool.index, answers), "steps": steps,
                   "entropy": retrieval_entropy(pred, answers)}
     return out
@@ -56,19 +46,30 @@ def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> d
 def retrieval_agreement(student: Student, pairs: Pairs) -> dict[str, float]:
     """Per teacher: how often the student's top-1 answer in its space is the top-1 in the other teachers' spaces."""
     pool = dedup_pool(pairs.answers)
-    return agreement({t: top1(predict(student, t, pairs.q[t])[0], pairs.a[t][torch.as_tensor(pool.first)])
+    return agreement({t: top1(student.predict(pairs.q[t], t)[0], pairs.a[t][torch.as_tensor(pool.first)])
                       for t in pairs.q})
+
+
+def baseline_table(train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """{teacher: {"identity": …, "mean_answer": …, "ridge": …, "linear_adapter": …}} on `held_out`; the fitted
+    baselines validate on whole documents of `train`."""
+    return {t: baselines(train.q[t], train.a[t], held_out.q[t], held_out.a[t], seed=seed, groups=train.doc_ids or None)
+            for t in held_out.q}
 
 
 def comparison(student: Student, train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:
     """{teacher: {"model": …, "identity": …, "mean_answer": …, "ridge": …, "linear_adapter": …}} on the same
-    (centred) split; the fitted baselines validate on whole documents of `train`."""
+    (centred) split."""
     model = student_metrics(student, held_out)
-    table = {}
-    for t in held_out.q:
-        base = baselines(train.q[t], train.a[t], held_out.q[t], held_out.a[t], seed=seed, groups=train.doc_ids or None)
-        table[t] = {"model": model[t], **base}
-    return table
+    return {t: {"model": model[t], **base} for t, base in baseline_table(train, held_out, seed).items()}
+
+
+def with_criteria(table: dict[str, dict[str, dict]], loaded) -> dict[str, dict[str, dict]]:
+    """The comparison table of `loaded` (load_for_eval) with the plan's criteria added under each teacher's
+    "criteria" (cube_ray/criteria.py); the cross-teacher share is relative to the table's identity rows."""
+    found = criteria.measure(loaded.student, loaded.held_out, {t: rows["identity"]["mrr"] for t, rows in table.items()},
+                             cross_teacher=loaded.mode == "distill")
+    return {t: {**rows, "criteria": found[t]} for t, rows in table.items()}
 
 
 def format_table(table: dict[str, dict[str, dict]]) -> str:
@@ -105,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     loaded = load_for_eval(args.checkpoint, pairs=args.pairs)
-    table = comparison(loaded.student, loaded.train, loaded.held_out, seed=args.seed)
+    table = with_criteria(comparison(loaded.student, loaded.train, loaded.held_out, seed=args.seed), loaded)
     if args.json:
-        print(json.dumps({t: {k: {m: round(v, 6) for m, v in rows[k].items()} for k in ROWS} for t, rows in table.items()}))
+        print(json.dumps({t: {**{k: {m: round(v, 6) for m, v in rows[k].items()} for k in ROWS},
+                              "criteria": rows["criteria"]} for t, rows in table.items()}))
     else:
         print(f"checkpoint {args.checkpoint}: {len(loaded.held_out)} held-out pairs, centring "
               f"{'on' if loaded.centres else 'off'}")
         print(format_table(table))
+        print("\n" + "\n".join(criteria.format_criteria({t: rows["criteria"] for t, rows in table.items()})))
     return 0
 
 

@@ -1,29 +1,28 @@
 """The search report: `python -m cube_ray.report EXP_DIR` (re)builds it from the experiment folder alone.
 
 Writes beside the experiment: report.md (leaderboard, best trial against the base preset's trial, held-out table of
-the best checkpoint against identity / mean answer / ridge on the same split, search cost), best_config.yaml,
-best_checkpoint (a text file holding the path), report.json (every figure), and plots: history.png (search
-history), importance.png (Optuna's parameter importance), curves.png (round scores of the top trials).
+the best checkpoint and the top-3 ensemble (cube_ray/ensemble.py) against identity / mean answer / ridge / linear
+adapter on the same split, search cost), best_config.yaml, best_checkpoint (a text file holding the path),
+report.json (every figure), and plots: history.png (search history), importance.png (Optuna's parameter
+importance), curves.png (round scores of the top trials).
 
-The trials come from the experiment's Optuna study (`study.journal`: state, sampled values, score per round), each
-joined with its folder: latest/ (its TrainState holds the per-epoch metrics and the rounds), config.yaml (the
-trial's TrainConfig), finished.json (the trial's training ran to its end) and best_eval/ (its best checkpoint).
-No Ray is needed.
+The trials come from the experiment's Optuna study joined with their folders (cube_ray/trials.py). No Ray is needed.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import sys
 from pathlib import Path
 
-from cube_ray.checkpoint import load_checkpoint
-from cube_ray.config import SearchConfig, TrainConfig, load_yaml, save_yaml
+from cube_ray.config import SearchConfig, load_yaml, save_yaml
+from cube_ray.criteria import format_criteria
+from cube_ray.ensemble import TOP as ENSEMBLE_TOP, ensemble_table
+from cube_ray.experiment import CONTINUED_FROM, SEARCH, load_study
 from cube_ray.fsutil import atomic_write_text
-from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, SEARCH, TRIAL_ID, load_study
+from cube_ray.trials import STATUS_ORDER, Trial, load_trials, ranked, with_checkpoint
 
 log = logging.getLogger("cube_ray.report")
 TOP = 10  # leaderboard rows
@@ -31,81 +30,6 @@ TOP = 10  # leaderboard rows
 # report still shows them, marked as such, so nobody reads "what mattered" into a handful of trials.
 FEW_TRIALS = 10
 CURVES = 5  # trials in the learning-curve plot
-STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unfinished", "error")
-
-
-@dataclasses.dataclass
-class Trial:
-    id: str
-    number: int  # Optuna's trial number: the order the sampler proposed it
-    dir: Path
-    params: dict  # the sampled values, flat "a/b" names (list choices as JSON text, as Optuna stores them)
-    config: TrainConfig
-    history: list[dict]  # one row of metrics per epoch (whole picking split)
-    rounds: list[dict]  # one row per round (samples_seen, round_eval on the fixed slice, time_s)
-    status: str  # one of STATUS_ORDER
-    base_preset: bool = False  # the enqueued base-preset trial
-    proposed_at: float | None = None  # when Optuna proposed it (seconds since the epoch)
-    ended_at: float | None = None  # when Optuna was told its end
-
-    @property
-    def best(self) -> dict:
-        return max(self.history, key=lambda r: r["eval"]) if self.history else {}
-
-    @property
-    def score(self) -> float:
-        """The best whole-split score of any epoch (-inf for a trial stopped inside its first epoch)."""
-        return self.best.get("eval", -math.inf)
-
-    @property
-    def round_score(self) -> float:
-        """The last round's score on the fixed slice: what ASHA compared."""
-        return self.rounds[-1]["round_eval"] if self.rounds else -math.inf
-
-    @property
-    def samples(self) -> int:
-        return int(self.rounds[-1]["samples_seen"]) if self.rounds else 0
-
-    @property
-    def seconds(self) -> float:
-        return self.rounds[-1].get("time_s", 0.0) if self.rounds else 0.0
-
-    @property
-    def cpus(self) -> int:
-        return self.config.workers * self.config.cpus_per_worker
-
-    @property
-    def rank_key(self) -> tuple:
-        """Best first: a whole-split score beats any slice score, then the further-trained round score."""
-        return (-self.score, -self.samples, -self.round_score)
-
-
-def load_trials(exp: Path, budget: bool = False, study=None) -> list[Trial]:
-    """This experiment's trials, from its Optuna study (trials copied by --continue-from are not its own)."""
-    from optuna.trial import TrialState
-
-    study = study or load_study(exp)
-    if study is None:
-        raise FileNotFoundError(f"{exp}: no Optuna study (study.journal); is this a search experiment folder?")
-    asha_stopped = set(json.loads((exp / ASHA_STOPPED).read_text())) if (exp / ASHA_STOPPED).exists() else set()
-    trials = []
-    for ot in study.get_trials(deepcopy=False):
-        folder = exp / f"trial_{ot.user_attrs.get(TRIAL_ID)}"
-        if CONTINUED_FROM in ot.user_attrs or not (folder / "config.yaml").exists():  # failed before training started
-            continue
-        # The history travels in the checkpoint's TrainState: complete across restarts, unlike Tune's result.json,
-        # which a killed driver may never have synced.
-        state = load_checkpoint(folder / "latest").state["train_state"] if (folder / "latest").exists() else {}
-        config = load_yaml(TrainConfig, folder / "config.yaml")
-        trial_id = folder.name.removeprefix("trial_")
-        status = {TrialState.FAIL: "error"}.get(ot.state) or _status(folder, config, state.get("history", []),
-                                                                      ot.state == TrialState.PRUNED,
-                                                                      trial_id in asha_stopped, budget)
-        trials.append(Trial(trial_id, ot.number, folder, dict(ot.params), config, state.get("history", []),
-                            state.get("rounds", []), status, bool(ot.user_attrs.get(BASE_PRESET)),
-                            ot.datetime_start.timestamp() if ot.datetime_start else None,
-                            ot.datetime_complete.timestamp() if ot.datetime_complete else None))
-    return trials
 
 
 # The phases of a trial's wall time, from its stamps (train/timing.py) and Optuna's proposal and end times.
@@ -148,20 +72,6 @@ def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _status(folder: Path, config: TrainConfig, history: list[dict], pruned: bool, asha_stopped: bool,
-            budget: bool) -> str:
-    if (folder / FINISHED).exists():
-        return "early stop" if json.loads((folder / FINISHED).read_text())["stopped"] else "complete"
-    if history and history[-1]["epoch"] >= config.epochs:
-        return "complete"  # it trained every epoch; the scheduler or the budget stopped it while it ended
-    if asha_stopped:
-        return "stopped by ASHA"
-    if (folder / "error.txt").exists():
-        return "error"
-    # Tune stops whatever still runs when the budget is spent (even before its first round)
-    return "time budget" if budget or pruned else "unfinished"
-
-
 def importance(study, seed: int) -> tuple[dict[str, float], int]:
     """Optuna's parameter importance (fANOVA) over the study's complete trials (those --continue-from brought in
     included), and how many trials it rests on."""
@@ -185,13 +95,13 @@ def held_out(trial: Trial, seed: int, with_baselines: bool = True) -> dict:
     alone (every trial of a search shares the data and its centring, so the baselines are the same for all)."""
     import torch
 
-    from cube_ray.evaluate import comparison, student_metrics
+    from cube_ray.evaluate import comparison, student_metrics, with_criteria
     from cube_ray.train.snapshot import load_for_eval
 
     torch.use_deterministic_algorithms(True)
     loaded = load_for_eval(trial.dir / "best_eval")
-    table = comparison(loaded.student, loaded.train, loaded.held_out, seed=seed) if with_baselines else \
-        {t: {"model": m} for t, m in student_metrics(loaded.student, loaded.held_out).items()}
+    table = with_criteria(comparison(loaded.student, loaded.train, loaded.held_out, seed=seed), loaded) \
+        if with_baselines else {t: {"model": m} for t, m in student_metrics(loaded.student, loaded.held_out).items()}
     return {"pairs": len(loaded.held_out), "picked_on": loaded.picked_on, "table": table}
 
 
@@ -273,15 +183,18 @@ def _leaderboard(scored: list[Trial], keys: list[str], teachers: list[str]) -> l
     return lines
 
 
-def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, center: bool) -> list[str]:
+def _held_out_tables(table: dict, base_table: dict | None, base: Trial | None, ensemble: dict | None,
+                     center: bool) -> list[str]:
     from cube_ray.evaluate import ROWS, best_baseline
 
     lines = []
     for teacher, rows in table["table"].items():
         lines += [f"**{teacher}** (centred: {'yes' if center else 'no'})", "",
                   "| row | cos | R@1 | R@5 | MRR |", "|---|---|---|---|---|"]
-        shown = [("best trial", rows["model"])] + ([(f"base preset (trial {base.id})", base_table["table"][teacher]["model"])]
-                                                   if base_table else []) + [(r, rows[r]) for r in ROWS if r != "model"]
+        shown = [("best trial", rows["model"])] \
+            + ([(f"top-{len(ensemble['members'])} ensemble", ensemble["table"][teacher]["ensemble"])] if ensemble else []) \
+            + ([(f"base preset (trial {base.id})", base_table["table"][teacher]["model"])] if base_table else []) \
+            + [(r, rows[r]) for r in ROWS if r != "model"]
         lines += [f"| {name} | {r['cos']:.3f} | {r['r1']:.3f} | {r['r5']:.3f} | {r['mrr']:.3f} |" for name, r in shown]
         model, strongest = rows["model"]["mrr"], best_baseline(rows)
         verdict = [f"The best trial {'beats' if model > rows[strongest]['mrr'] else 'does **not** beat'} every "
@@ -299,19 +212,22 @@ def build_report(exp: str | Path) -> Path:
     search = load_yaml(SearchConfig, exp / SEARCH)
     study = load_study(exp)  # read once: the trials, their importance and what --continue-from brought in
     trials = load_trials(exp, budget=bool(search.time_budget_s), study=study)
-    scored = sorted([t for t in trials if t.rounds], key=lambda t: t.rank_key)
+    scored = ranked(trials)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
     imp, imp_trials = importance(study, search.seed)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
-    with_checkpoint = [t for t in scored if (t.dir / "best_eval").exists()]
-    if not with_checkpoint:
+    candidates = with_checkpoint(scored)
+    if not candidates:
         raise RuntimeError(f"{exp}: no trial finished an epoch (no best_eval/ checkpoint); nothing to evaluate")
-    best = with_checkpoint[0]
-    base = next((t for t in with_checkpoint if t.base_preset), None)
+    best = candidates[0]
+    base = next((t for t in candidates if t.base_preset), None)
     table = held_out(best, search.seed)
     base_table = held_out(base, search.seed, with_baselines=False) if base is not None and base is not best else None
+    # the best trials' predictions averaged; the members share the baselines above
+    ensemble = ensemble_table([t.dir / "best_eval" for t in candidates[:ENSEMBLE_TOP]], seed=search.seed,
+                              with_baselines=False) if len(candidates) > 1 else None
     figures = cost(exp, trials)
     phases = trial_cost(trials)
     made = plots(exp, trials, imp, imp_trials, metric)
@@ -343,7 +259,9 @@ def build_report(exp: str | Path) -> Path:
               "Sampled parameters:", ""]
     lines += [f"- `{k}`: {_fmt(v)}" for k, v in best.params.items()]
     lines += ["", f"## Held-out: best checkpoint against the base preset and the baselines ({table['pairs']} pairs, same split)", ""]
-    lines += _held_out_tables(table, base_table, base, best.config.center)
+    lines += _held_out_tables(table, base_table, base, ensemble, best.config.center)
+    lines += ["### The plan's success criteria (best trial, held-out split)", ""]
+    lines += format_criteria({t: rows["criteria"] for t, rows in table["table"].items()}) + [""]
     lines += ["## Search cost", "",
               f"- trials: {figures['trials']} ({figures['complete']} ran all their epochs, {figures['early_stop']} "
               f"stopped by their own early stopping, {figures['stopped_by_asha']} stopped early by ASHA, "
@@ -368,7 +286,7 @@ def build_report(exp: str | Path) -> Path:
         "cost": figures, "trial_cost": phases, "importance": imp, "best": {"trial": best.id, "eval": best.score, "params": best.params,
                                                      "checkpoint": str(best.dir / "best_eval"), "epoch": best.best["epoch"]},
         "base_preset": {"trial": base.id, "eval": base.score, "held_out": base_table or table} if base else None,
-        "held_out": table, "trials": [{"id": t.id, "number": t.number, "status": t.status,
+        "held_out": table, "ensemble": ensemble, "trials": [{"id": t.id, "number": t.number, "status": t.status,
                                        "eval": t.score if t.history else None, "round_eval": t.round_score if t.rounds else None,
                                        "samples": t.samples, "epochs": len(t.history), "params": t.params} for t in trials]},
         indent=1, default=str))

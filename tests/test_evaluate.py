@@ -49,7 +49,15 @@ def test_evaluate_json_has_model_and_the_baselines(checkpoint, capsys):
     assert evaluate.main([str(checkpoint), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     rows = table["minilm"]
-    assert set(rows) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
+    assert set(rows) == {"model", "identity", "mean_answer", "ridge", "linear_adapter", "criteria"}
+    # the plan's criteria: the autoencoder path's cosine on the held-out answers; no cross-teacher share (one
+    # teacher, a dialogue student)
+    loaded = load_for_eval(checkpoint)
+    answers = loaded.held_out.a["minilm"]
+    recon = torch.nn.functional.cosine_similarity(loaded.student.predict(answers, "minilm")[0], answers).mean().item()
+    found = rows.pop("criteria")
+    assert set(found) == {"reconstruction_cos"} and found["reconstruction_cos"]["value"] == pytest.approx(recon, abs=1e-6)
+    assert found["reconstruction_cos"]["threshold"] == 0.95 and found["reconstruction_cos"]["met"] == (recon > 0.95)
     for name, m in rows.items():
         assert {"cos", "r1", "r5", "mrr"} <= set(m), name
         assert 0 <= m["r1"] <= m["r5"] <= 1 and 0 < m["mrr"] <= 1
@@ -62,6 +70,7 @@ def test_evaluate_table_and_deterministic(checkpoint, capsys):
     evaluate.main([str(checkpoint)])
     assert capsys.readouterr().out == first
     assert "the best baseline, " in first and "linear_adapter" in first and "mean_answer" in first
+    assert "| reconstruction cosine (autoencoder path, held-out answers) | > 0.95 | " in first
 
 
 def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):

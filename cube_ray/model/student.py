@@ -74,6 +74,19 @@ class Student(nn.Module):
         steps = None if run.step_outputs is None else [predict(f) for f in run.step_outputs]
         return dataclasses.replace(run, output=predict(run.output), step_outputs=steps)
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, teacher: str, *, into: str | None = None,
+                chunk: int = 512) -> tuple[torch.Tensor, float]:
+        """Inference: predictions by the halting gate (in chunks of `chunk` samples, in teacher `into`'s space if
+        given), and the mean number of steps the samples ran."""
+        self.eval()
+        preds, steps = [], []
+        for i in range(0, len(x), chunk):
+            out = self(x[i:i + chunk], teacher, into=into)
+            preds.append(out.output)
+            steps.append(out.steps_run.float())
+        return torch.cat(preds), torch.cat(steps).mean().item()
+
     def _predict(self, adapter: Adapter, teacher: str, into: str, field: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         pred = adapter.decode(field)
         if into != teacher:  # the residual and the linear bypass map a teacher's space onto itself

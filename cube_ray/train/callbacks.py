@@ -113,12 +113,10 @@ class EvalSamples(Callback):
     def on_validation_end(self, run, metrics):
         if run.rank != 0 or not self.count:
             return
-        from cube_ray.evaluate import predict
-
         pairs, teacher = run.eval_pairs, run.cfg.teachers[0]
         pool = dedup_pool(pairs.answers)
         answers = torch.nn.functional.normalize(pairs.a[teacher][torch.as_tensor(pool.first)], dim=-1)
-        pred, _ = predict(run.student, teacher, pairs.q[teacher][: self.count])
+        pred, _ = run.student.predict(pairs.q[teacher][: self.count], teacher)
         top = (torch.nn.functional.normalize(pred, dim=-1) @ answers.T).topk(min(3, len(pool.items)), dim=-1)
         epoch = run.state.epoch + 1  # validation ends before the state counts the epoch as done
         lines = [f"epoch {epoch}  teacher {teacher}  {run.cfg.eval_metric} {metrics['eval']:.4f}\n"]

@@ -103,8 +103,84 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     capsys.readouterr()
     assert evaluate([str(best), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge", "linear_adapter"}
+    assert set(table["minilm"]) == {"model", "identity", "mean_answer", "ridge", "linear_adapter", "criteria"}
     assert table["minilm"]["model"]["mrr"] == pytest.approx(figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
+    # the report's criteria are the best checkpoint's, as evaluate measures them
+    reported = figures["held_out"]["table"]["minilm"]["criteria"]["reconstruction_cos"]
+    assert table["minilm"]["criteria"]["reconstruction_cos"]["value"] == pytest.approx(reported["value"], abs=1e-6)
+    assert "### The plan's success criteria (best trial, held-out split)" in report
+
+
+def test_the_top_trials_ensemble_averages_their_normalised_predictions(smoke, capsys, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from cube_ray.ensemble import ensemble_table, main as ensemble, top_checkpoints
+    from cube_ray.evaluate import main as evaluate
+    from cube_ray.metrics import Centering
+    from cube_ray.train.snapshot import load_for_eval, load_snapshot, save_snapshot
+
+    figures = json.loads((smoke / "report.json").read_text())
+    members = top_checkpoints(smoke, 2)
+    assert len(members) == 2 and members[0] == Path((smoke / "best_checkpoint").read_text().strip())  # the report's rank
+    capsys.readouterr()
+    assert ensemble([str(smoke), "--top", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["members"] == [str(m) for m in members] and result["pairs"] == figures["held_out"]["pairs"]
+    rows = result["table"]["minilm"]
+    assert set(rows) == {"ensemble", "member_1", "member_2", "identity", "mean_answer", "ridge", "linear_adapter"}
+    for i, path in enumerate(members, 1):  # each member's row is what evaluate says of its checkpoint
+        assert evaluate([str(path), "--json"]) == 0
+        model = json.loads(capsys.readouterr().out)["minilm"]["model"]
+        assert rows[f"member_{i}"]["mrr"] == pytest.approx(model["mrr"], abs=1e-6)
+    assert rows["ridge"] == pytest.approx(figures["held_out"]["table"]["minilm"]["ridge"])
+    # the ensemble predicts the mean of its members' unit-length predictions: its mean cosine to the gold answers
+    loaded = [load_for_eval(path) for path in members]
+    q, a = loaded[0].held_out.q["minilm"], loaded[0].held_out.a["minilm"]
+    mean = torch.stack([F.normalize(m.student.predict(q, "minilm")[0], dim=-1) for m in loaded]).mean(0)
+    assert rows["ensemble"]["cos"] == pytest.approx(F.cosine_similarity(mean, a).mean().item(), abs=1e-5)
+    assert rows["ensemble"]["cos"] != pytest.approx(rows["member_1"]["cos"], abs=1e-4)  # two members, not one
+    # an ensemble of one is its member, and the report's top-3 row is the same ensemble over three
+    one = ensemble_table(members[:1], with_baselines=False)["table"]["minilm"]
+    assert one["ensemble"] == pytest.approx(one["member_1"]) and one["member_1"]["mrr"] == pytest.approx(
+        figures["held_out"]["table"]["minilm"]["model"]["mrr"], abs=1e-6)
+    top3 = ensemble_table(top_checkpoints(smoke, 3), with_baselines=False)
+    assert figures["ensemble"]["table"]["minilm"]["ensemble"] == pytest.approx(top3["table"]["minilm"]["ensemble"])
+    assert f"| top-{len(top3['members'])} ensemble | {top3['table']['minilm']['ensemble']['cos']:.3f} |" in \
+        (smoke / "report.md").read_text()
+    # a checkpoint centred otherwise is not in the members' space: refused by name before anything is scored
+    snap = load_snapshot(members[1])
+    centre = snap.centres["minilm"].mean if snap.centres else 0.0  # the smoke space may train uncentred
+    shifted = {"minilm": Centering(torch.ones(snap.checkpoint.data["widths"]["minilm"]).numpy() + centre)}
+    other = save_snapshot(tmp_path / "other", snap.student, shifted, snap.cfg, snap.checkpoint.teachers,
+                          snap.checkpoint.data, None)
+    with pytest.raises(ValueError, match=f"{other}: cannot join an ensemble with {members[0]}: it has other centring"):
+        ensemble_table([members[0], other])
+
+
+def test_a_moved_experiment_folder_still_reports(smoke, tmp_path):
+    """Its study keeps the old folder's name inside study.journal: the report finds it there."""
+    import shutil
+
+    from cube_ray.report import build_report
+
+    moved = tmp_path / "renamed"
+    shutil.copytree(smoke, moved)
+    assert build_report(moved) == moved / "report.md"
+    figures = json.loads((moved / "report.json").read_text())
+    assert figures["cost"]["trials"] == 4 and Path((moved / "best_checkpoint").read_text().strip()).is_relative_to(moved)
+
+
+def test_stopped_trials_leave_no_placement_group_behind(smoke):
+    """Every trial's CPUs are free again once the search ends (a leaked placement group would hold them for the rest
+    of the driver's job: later trials and extractions would wait for CPUs that never come back)."""
+    from ray.util.state import list_placement_groups
+
+    deadline = time.time() + 30  # Ray Train's placement-group cleaner polls for dead controllers
+    while (left := [pg.placement_group_id for pg in list_placement_groups(filters=[("state", "=", "CREATED")])]) \
+            and time.time() < deadline:
+        time.sleep(1)
+    assert left == []
 
 
 def test_the_search_tries_the_base_preset_first(smoke):

@@ -1,0 +1,73 @@
+"""The research plan's Phase 3 success criteria, measured on a held-out split, each against the plan's threshold.
+
+    reconstruction_cos      the autoencoder path (an answer in, the same answer out), per teacher   > 0.95
+                            space: mean cosine of the student's output to its input
+    cross_teacher_share/t   a distilled student in teacher u's space: teacher t's questions          > 70 %
+                            answered in u's space (MRR), as a share of u's own identity MRR
+    scale                   > 100K training pairs within 8 GB: not a property of one checkpoint;
+                            benchmarks/scale.py measures it (results/bench_scale.json)
+
+The cross-teacher share is measured for students trained to map between teachers (mode `distill`); a dialogue
+student's decoders never learnt to write another teacher's space, so it is "n/a" for them. `evaluate` and the
+search report print the table; `evaluate --json` carries each teacher's criteria under "criteria".
+
+Example, a residual dialogue student on the bundled sample:
+
+    | criterion | threshold | minilm | smollm2 |
+    |---|---|---|---|
+    | reconstruction cosine | > 0.95 | 0.998 (met) | 0.991 (met) |
+"""
+from __future__ import annotations
+
+import torch
+
+from cube_ray.metrics import dedup_pool, reconstruction_cosine, retrieval_metrics
+from cube_ray.train.data import Pairs
+
+THRESHOLDS = {"reconstruction_cos": 0.95, "cross_teacher_share": 0.70}
+LABELS = {"reconstruction_cos": "reconstruction cosine (autoencoder path, held-out answers)",
+          "cross_teacher_share": "distilled student: MRR from {t}'s questions / identity MRR"}
+SCALE = ("> 100K training pairs within 8 GB: measured by `benchmarks/scale.py` (results/bench_scale.json), not per "
+         "checkpoint")
+
+
+def _criterion(name: str, value: float) -> dict:
+    threshold = THRESHOLDS[name]
+    return {"value": value, "threshold": threshold, "met": bool(value > threshold)}
+
+
+@torch.no_grad()
+def measure(student, held_out: Pairs, identity_mrr: dict[str, float], cross_teacher: bool) -> dict[str, dict]:
+    """{teacher u: {"reconstruction_cos": {"value", "threshold", "met"}, "cross_teacher_share/<t>": …}}."""
+    pool = dedup_pool(held_out.answers)
+    out = {}
+    for u in held_out.q:
+        out[u] = {"reconstruction_cos": _criterion(
+            "reconstruction_cos", reconstruction_cosine(student.predict(held_out.a[u], u)[0], held_out.a[u]))}
+        if not cross_teacher:
+            continue
+        answers = held_out.a[u][torch.as_tensor(pool.first)]
+        for t in (t for t in held_out.q if t != u):
+            mrr = retrieval_metrics(student.predict(held_out.q[t], t, into=u)[0], pool.index, answers)["mrr"]
+            out[u][f"cross_teacher_share/{t}"] = _criterion("cross_teacher_share", mrr / identity_mrr[u])
+    return out
+
+
+def format_criteria(criteria: dict[str, dict]) -> list[str]:
+    """The criteria as a markdown table, one column per teacher space ("n/a" where a criterion does not apply)."""
+    teachers = list(criteria)
+    names = list(dict.fromkeys(name for rows in criteria.values() for name in rows))
+    lines = ["| criterion (the plan's Phase 3) | threshold | " + " | ".join(teachers) + " |",
+             "|---|---|" + "---|" * len(teachers)]
+    for name in names:
+        kind, _, source = name.partition("/")
+        cells = []
+        for t in teachers:
+            c = criteria[t].get(name)
+            cells.append("n/a" if c is None else f"{c['value']:.3f} ({'met' if c['met'] else 'not met'})")
+        lines.append(f"| {LABELS[kind].format(t=source)} | > {THRESHOLDS[kind]:g} | " + " | ".join(cells) + " |")
+    if not any(n.startswith("cross_teacher_share") for n in names):
+        lines.append("| distilled student: MRR from another teacher's questions / identity MRR | > 0.7 | "
+                     + " | ".join("n/a (not a distill student)" for _ in teachers) + " |")
+    lines.append(f"| {SCALE} | | " + " | ".join("" for _ in teachers) + " |")
+    return lines
