@@ -1,7 +1,8 @@
 """The research plan's Phase 3 success criteria, measured on a held-out split, each against the plan's threshold.
 
-    reconstruction_cos      the autoencoder path (an answer in, the same answer out), per teacher   > 0.95
-                            space: mean cosine of the student's output to its input
+    reconstruction_cos      the autoencoder path (a text in, the same text out), per teacher       > 0.95
+                            space: mean cosine of the student's output to its input, over the
+                            split's questions and answers
     cross_teacher_share/t   a distilled student in teacher u's space: teacher t's questions          > 70 %
                             answered in u's space (MRR), as a share of u's own identity MRR
     scale                   > 100K training pairs within 8 GB: not a property of one checkpoint;
@@ -25,7 +26,7 @@ from cube_ray.metrics import dedup_pool, reconstruction_cosine, retrieval_metric
 from cube_ray.train.data import Pairs
 
 THRESHOLDS = {"reconstruction_cos": 0.95, "cross_teacher_share": 0.70}
-LABELS = {"reconstruction_cos": "reconstruction cosine (autoencoder path, held-out answers)",
+LABELS = {"reconstruction_cos": "reconstruction cosine (autoencoder path, held-out texts)",
           "cross_teacher_share": "distilled student: MRR from {t}'s questions / identity MRR"}
 SCALE = ("> 100K training pairs within 8 GB: measured by `benchmarks/scale.py` (results/bench_scale.json), not per "
          "checkpoint")
@@ -42,8 +43,9 @@ def measure(student, held_out: Pairs, identity_mrr: dict[str, float], cross_teac
     pool = dedup_pool(held_out.answers)
     out = {}
     for u in held_out.q:
+        texts = torch.cat([held_out.q[u], held_out.a[u]])  # the split's texts, questions and answers
         out[u] = {"reconstruction_cos": _criterion(
-            "reconstruction_cos", reconstruction_cosine(student.predict(held_out.a[u], u)[0], held_out.a[u]))}
+            "reconstruction_cos", reconstruction_cosine(student.predict(texts, u)[0], texts))}
         if not cross_teacher:
             continue
         answers = held_out.a[u][torch.as_tensor(pool.first)]

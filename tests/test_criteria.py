@@ -29,7 +29,7 @@ def test_an_untrained_residual_student_reconstructs_exactly_and_cannot_yet_trans
         share = found[u][f"cross_teacher_share/{other}"]
         assert share["value"] == pytest.approx((1 / 60) / identity[u], rel=1e-9) and share["threshold"] == 0.7 and not share["met"]
     table = "\n".join(criteria.format_criteria(found))
-    assert "| reconstruction cosine (autoencoder path, held-out answers) | > 0.95 | 1.000 (met) | 1.000 (met) |" in table
+    assert "| reconstruction cosine (autoencoder path, held-out texts) | > 0.95 | 1.000 (met) | 1.000 (met) |" in table
     assert "| distilled student: MRR from smollm2's questions / identity MRR | > 0.7 | 0.021 (not met) | n/a |" in table
     assert "benchmarks/scale.py" in table
 

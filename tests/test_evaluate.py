@@ -50,11 +50,11 @@ def test_evaluate_json_has_model_and_the_baselines(checkpoint, capsys):
     table = json.loads(capsys.readouterr().out)
     rows = table["minilm"]
     assert set(rows) == {"model", "identity", "mean_answer", "ridge", "linear_adapter", "criteria"}
-    # the plan's criteria: the autoencoder path's cosine on the held-out answers; no cross-teacher share (one
-    # teacher, a dialogue student)
+    # the plan's criteria: the autoencoder path's cosine on the held-out questions and answers; no cross-teacher
+    # share (one teacher, a dialogue student)
     loaded = load_for_eval(checkpoint)
-    answers = loaded.held_out.a["minilm"]
-    recon = torch.nn.functional.cosine_similarity(loaded.student.predict(answers, "minilm")[0], answers).mean().item()
+    texts = torch.cat([loaded.held_out.q["minilm"], loaded.held_out.a["minilm"]])
+    recon = torch.nn.functional.cosine_similarity(loaded.student.predict(texts, "minilm")[0], texts).mean().item()
     found = rows.pop("criteria")
     assert set(found) == {"reconstruction_cos"} and found["reconstruction_cos"]["value"] == pytest.approx(recon, abs=1e-6)
     assert found["reconstruction_cos"]["threshold"] == 0.95 and found["reconstruction_cos"]["met"] == (recon > 0.95)
@@ -70,7 +70,7 @@ def test_evaluate_table_and_deterministic(checkpoint, capsys):
     evaluate.main([str(checkpoint)])
     assert capsys.readouterr().out == first
     assert "the best baseline, " in first and "linear_adapter" in first and "mean_answer" in first
-    assert "| reconstruction cosine (autoencoder path, held-out answers) | > 0.95 | " in first
+    assert "| reconstruction cosine (autoencoder path, held-out texts) | > 0.95 | " in first
 
 
 def test_evaluate_on_new_pairs(checkpoint, tmp_path, capsys):
