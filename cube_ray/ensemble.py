@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cube_ray.evaluate import baseline_table, best_baseline
+from cube_ray.evaluate import baseline_table, best_baseline, format_rows
 from cube_ray.metrics import dedup_pool, retrieval_metrics
 
 TOP = 3  # members of the ensemble the search report shows
@@ -41,44 +41,47 @@ def top_checkpoints(exp: str | Path, top: int = TOP) -> list[Path]:
     return [t.dir / "best_eval" for t in trials[:top]]
 
 
-def load_members(checkpoints: list[Path], pairs: str | None = None) -> list:
-    """Each checkpoint's student and splits (`load_for_eval`), checked to share one space with the first."""
-    from cube_ray.train.snapshot import load_for_eval
+def load_members(checkpoints: list[Path], pairs: str | None = None) -> tuple:
+    """The first checkpoint's splits (`load_for_eval`, read once: the members share them) and every member's
+    student, each checked to lie in the first one's space."""
+    from cube_ray.train.snapshot import load_for_eval, load_snapshot
 
-    members = [load_for_eval(path, pairs=pairs) for path in checkpoints]
-    first = members[0]
-    for path, m in zip(checkpoints[1:], members[1:]):
+    first = load_for_eval(checkpoints[0], pairs=pairs)
+    students = [first.student]
+    for path in checkpoints[1:]:
+        snap = load_snapshot(path)
         problem = None
-        if set(m.held_out.q) != set(first.held_out.q):
-            problem = f"teachers {sorted(m.held_out.q)}, not {sorted(first.held_out.q)}"
-        elif m.held_out.ids != first.held_out.ids:
-            problem = "another held-out split (other data)"
-        elif set(m.centres) != set(first.centres) or not all(
-                np.allclose(m.centres[t].mean, first.centres[t].mean, atol=1e-6) for t in m.centres):
+        if set(snap.cfg.teachers) != set(first.held_out.q):
+            problem = f"teachers {sorted(snap.cfg.teachers)}, not {sorted(first.held_out.q)}"
+        elif pairs is None and snap.checkpoint.data["dataset_id"] != first.dataset_id:
+            problem = f"another data set ({snap.checkpoint.data['dataset_id']}, not {first.dataset_id})"
+        elif set(snap.centres) != set(first.centres) or not all(
+                np.allclose(snap.centres[t].mean, first.centres[t].mean, atol=1e-6) for t in snap.centres):
             problem = "other centring"
         if problem:
             raise ValueError(f"{path}: cannot join an ensemble with {checkpoints[0]}: it has {problem}, so their "
                              "predictions are not in one space")
-    return members
+        students.append(snap.student)
+    return first, students
 
 
 def ensemble_table(checkpoints: list[Path], pairs: str | None = None, seed: int = 0,
                    with_baselines: bool = True) -> dict:
     """{"pairs", "picked_on", "members", "table": {teacher: {"ensemble": …, "member_1": …, …, and the baselines}}}."""
     torch.use_deterministic_algorithms(True)
-    members = load_members([Path(c) for c in checkpoints], pairs)
-    held_out = members[0].held_out
+    first, students = load_members([Path(c) for c in checkpoints], pairs)
+    held_out = first.held_out
     pool = dedup_pool(held_out.answers)
     table = {}
     for t in held_out.q:
         answers = held_out.a[t][torch.as_tensor(pool.first)]
-        preds = [F.normalize(m.student.predict(held_out.q[t], t)[0], dim=-1) for m in members]
+        preds = [F.normalize(student.predict(held_out.q[t], t)[0], dim=-1) for student in students]
         table[t] = {"ensemble": retrieval_metrics(torch.stack(preds).mean(0), pool.index, answers)}
         table[t].update({f"member_{i}": retrieval_metrics(p, pool.index, answers) for i, p in enumerate(preds, 1)})
     if with_baselines:
-        for t, rows in baseline_table(members[0].train, held_out, seed).items():
+        for t, rows in baseline_table(first.train, held_out, seed).items():
             table[t].update(rows)
-    return {"pairs": len(held_out), "picked_on": members[0].picked_on, "members": [str(c) for c in checkpoints],
+    return {"pairs": len(held_out), "picked_on": first.picked_on, "members": [str(c) for c in checkpoints],
             "table": table}
 
 
@@ -99,9 +102,7 @@ def format_table(result: dict) -> str:
     lines = [f"{len(result['members'])} members, {result['pairs']} held-out pairs (models picked on the "
              f"{result['picked_on']} split):"] + [f"  member_{i}: {m}" for i, m in enumerate(result["members"], 1)]
     for teacher, rows in result["table"].items():
-        lines.append(f"\n{teacher}\n{'':<15} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}")
-        lines += [f"{name:<15} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}" for name, m in rows.items()]
-        lines.append(verdict(rows))
+        lines += format_rows(teacher, rows) + [verdict(rows)]
     return "\n".join(lines)
 
 

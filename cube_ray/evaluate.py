@@ -72,14 +72,16 @@ def with_criteria(table: dict[str, dict[str, dict]], loaded) -> dict[str, dict[s
     return {t: {**rows, "criteria": found[t]} for t, rows in table.items()}
 
 
+def format_rows(teacher: str, rows: dict[str, dict]) -> list[str]:
+    """One teacher space's rows (name -> cos, R@1, R@5, MRR) as aligned text under a header."""
+    return [f"\n{teacher}\n{'':<15} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}"] + [
+        f"{name:<15} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}" for name, m in rows.items()]
+
+
 def format_table(table: dict[str, dict[str, dict]]) -> str:
     lines = []
     for teacher, rows in table.items():
-        lines.append(f"\n{teacher}\n{'':<15} {'cos':>7} {'R@1':>7} {'R@5':>7} {'MRR':>7}")
-        for name in ROWS:
-            m = rows[name]
-            lines.append(f"{name:<15} {m['cos']:>7.3f} {m['r1']:>7.3f} {m['r5']:>7.3f} {m['mrr']:>7.3f}")
-        lines.append(verdict(rows))
+        lines += format_rows(teacher, {name: rows[name] for name in ROWS}) + [verdict(rows)]
     return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
 def _parse_gguf_once():
     """transformers parses a GGUF file three times to convert it (tokenizer, config, weights), ~10 s each for SmolLM2's
     49k-token vocabulary, and builds gguf's tensor-name table once per module of the model (395 times, ~8 s). During
-    one conversion each is made once, with the same result (SmolLM2's cold load here: 47 s -> 20 s). transformers
+    one conversion each is made once, with the same result (SmolLM2's cold load here: 47 s -> 23 s). transformers
     imports both names from `gguf` when it calls them, so they are swapped on that module and put back after."""
     import gguf
 

@@ -136,6 +136,7 @@ class EvalData:
     held_out: Pairs
     picked_on: str  # the split that chose this checkpoint: "val", or "eval" itself when the data has no val split
     mode: str  # what it was trained for (TrainConfig.mode): "distill" students map between teachers
+    dataset_id: str  # the prepared data it trained on (its train and eval splits)
 
 
 def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
@@ -152,7 +153,7 @@ def load_for_eval(path: str | Path, pairs: str | None = None) -> EvalData:
     for split in (train, held_out):
         check_widths(snap.checkpoint, {t: x.shape[1] for t, x in split.q.items()}, f"store {store.root}")
     return EvalData(snap.student, snap.centres, train.centred(snap.centres), held_out.centred(snap.centres),
-                    selection_split(snap.checkpoint.data["splits"]), snap.cfg.mode)
+                    selection_split(snap.checkpoint.data["splits"]), snap.cfg.mode, dataset_id)
 
 
 def _embed_pairs(path: str, store: EmbeddingStore, specs: dict[str, TeacherSpec], cfg: TrainConfig) -> Pairs:
