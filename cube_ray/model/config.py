@@ -18,8 +18,15 @@ class CubeConfig:
     max_steps: int = 8
     layers: int = 1  # distinct update rules, used in turn: step i applies rule i % layers
     hidden: int = 32  # width of the per-cell update MLP
-    attention: bool = False  # cells also read a global context: attention over pooled tokens
+    # How cells exchange information in a step: "local", the update rule over each cell's 3x3x3 neighbourhood (the
+    # cellular automaton); "attention", a small transformer block in which every cell attends to every cell (the
+    # plan's cube + attention hybrid); "alternate", local and attention steps in turn, starting local.
+    mixer: Literal["local", "attention", "alternate"] = "local"
+    attention: bool = False  # the local rule also reads a global context: attention over pooled tokens
     attention_heads: int = 2
+    # The attention mixer's heads. Its cost is the softmax over cells^2 scores per head (memory-bound at a few
+    # channels per head, not FLOP-bound), so one head is the cheapest and the default.
+    mixer_heads: int = 1
     attention_grid: int = 2  # the tokens are the means of an attention_grid^3 split of the lattice
     skip_input: bool = False  # every step's update also sees the input field
     skip_linear: bool = False  # a zero-initialised linear map from the input embedding to the prediction
@@ -45,11 +52,16 @@ class CubeConfig:
     def validate(self) -> None:
         if len(self.dims) != 3 or any(d < 1 for d in self.dims):
             raise ValueError(f"dims must be three positive sizes (D, H, W), got {self.dims}")
-        for name in ("channels", "hidden", "layers", "attention_heads", "attention_grid"):
+        for name in ("channels", "hidden", "layers", "attention_heads", "attention_grid", "mixer_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.attention and self.mixer == "attention":
+            raise ValueError("attention (the local rule's pooled context) needs a local rule: mixer 'local' or "
+                             "'alternate', got mixer 'attention' (whose every step already attends over all cells)")
+        if self.mixer != "local" and self.channels % self.mixer_heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by mixer_heads ({self.mixer_heads})")
         if self.attention and self.channels % self.attention_heads:
             raise ValueError(f"channels ({self.channels}) must be divisible by attention_heads "
                              f"({self.attention_heads})")

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from cube_ray.model.cell_attention import CellAttention
 from cube_ray.model.config import CubeConfig
 from cube_ray.model.fused import FusedStep, kernel
 
@@ -99,7 +100,14 @@ def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
-_FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if _ONEDNN else {}  # FlopCounterMode lacks it
+def _cpu_attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+# Formulas FlopCounterMode lacks: oneDNN's linear, and the CPU kernel that scaled_dot_product_attention runs.
+_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+if _ONEDNN:
+    _FLOP_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _linear_flops
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
@@ -198,12 +206,17 @@ class Rule(nn.Module):
 
 
 class Cube(nn.Module):
-    """The lattice core. `run(u, steps)` yields the (B, cells, C) state after each step."""
+    """The lattice core. `run(u, steps)` yields the (B, cells, C) state after each step.
+
+    Its rules are used in turn, step i applying rule i % len(rules): `cfg.layers` local rules (mixer "local"),
+    attention blocks (mixer "attention", cube_ray.model.cell_attention), or local and attention in turn ("alternate").
+    """
 
     def __init__(self, cfg: CubeConfig):
         super().__init__()
         self.cfg = cfg
-        self.rules = nn.ModuleList(Rule(cfg) for _ in range(cfg.layers))
+        kinds = {"local": [Rule], "attention": [CellAttention], "alternate": [Rule, CellAttention]}[cfg.mixer]
+        self.rules = nn.ModuleList(kind(cfg) for _ in range(cfg.layers) for kind in kinds)
 
     def step(self, state: torch.Tensor, u: torch.Tensor, i: int) -> torch.Tensor:
         """Step i (0-based) from `state` (B, cells, C), u the input field of the same samples: the next state.
@@ -216,7 +229,7 @@ class Cube(nn.Module):
         mask = None
         if self.training and cfg.update_prob < 1:
             mask = update_mask(state.shape[0], state.shape[1], cfg.update_prob, state.device)
-        if _fused_path(rule, state):
+        if isinstance(rule, Rule) and _fused_path(rule, state):
             return rule.fused_step(state, u, mask, cfg.state_bound)
         delta = rule(state, u)
         state = state + delta if mask is None else torch.addcmul(state, delta, mask)
@@ -227,7 +240,8 @@ class Cube(nn.Module):
     def prepare(self) -> None:
         """Build (once per machine and shape) or load every rule's fused kernel now, not in the first step."""
         for rule in self.rules:  # the parameters' device and dtype are the states'
-            _fused_path(rule, rule.neighbours)
+            if isinstance(rule, Rule):
+                _fused_path(rule, rule.neighbours)
 
     def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
         """Start from the input field u (B, cells, C) and yield the state after each of `steps` steps."""

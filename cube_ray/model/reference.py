@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cube_ray.model.cube import Cube, GlobalAttention, update_mask
+from cube_ray.model.cell_attention import CellAttention
+from cube_ray.model.cube import Cube, GlobalAttention, Rule, update_mask
 
 
 def _attend(attn: GlobalAttention, x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -39,17 +40,24 @@ class ReferenceCube(nn.Module):
         b, n, c = state.shape
         as_volume = lambda t: t.view(b, *cfg.dims, -1).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
         x, rule = as_volume(state), self.cube.rules[i % len(self.cube.rules)]
-        features = [x, F.conv3d(x, rule.neighbours, padding=1, groups=c)]
-        if rule.attend is not None:
-            features.append(_attend(rule.attend, x, cfg.attention_grid))
-        if rule.skip_input:
-            features.append(as_volume(u))
-        h = F.relu(F.conv3d(torch.cat(features, 1), rule.w1.weight[..., None, None, None], rule.w1.bias))
-        delta = F.conv3d(h, rule.w2.weight[..., None, None, None], rule.w2.bias)
+        if isinstance(rule, CellAttention):  # plain PyTorch already, and checked on its own: the same block
+            delta = as_volume(rule(state, u))
+        else:
+            delta = self._local_rule(rule, x, as_volume(u))
         if self.training and cfg.update_prob < 1:
             delta = delta * as_volume(update_mask(b, n, cfg.update_prob, state.device))
         x = (x + delta).clamp(-cfg.state_bound, cfg.state_bound)
         return x.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+
+    def _local_rule(self, rule: Rule, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The local rule's change of the state x, channels-first (B, C, D, H, W), u the input field alike."""
+        features = [x, F.conv3d(x, rule.neighbours, padding=1, groups=x.shape[1])]
+        if rule.attend is not None:
+            features.append(_attend(rule.attend, x, self.cube.cfg.attention_grid))
+        if rule.skip_input:
+            features.append(u)
+        h = F.relu(F.conv3d(torch.cat(features, 1), rule.w1.weight[..., None, None, None], rule.w1.bias))
+        return F.conv3d(h, rule.w2.weight[..., None, None, None], rule.w2.bias)
 
     def run(self, u: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
         state = u

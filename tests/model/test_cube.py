@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,8 +19,9 @@ def random_cube(**kw) -> Cube:
     torch.manual_seed(0)
     cube = Cube(CubeConfig(**kw))
     for rule in cube.rules:
-        torch.nn.init.normal_(rule.w2.weight, std=0.3)
-        torch.nn.init.normal_(rule.w2.bias, std=0.1)
+        for last in (rule.w2, getattr(rule, "out", rule.w2)):  # an attention block's two zero-initialised layers
+            torch.nn.init.normal_(last.weight, std=0.3)
+            torch.nn.init.normal_(last.bias, std=0.1)
     return cube
 
 
@@ -40,6 +42,8 @@ def run_and_grad(model, cube, u, steps, seed):
     dict(dims=[6, 8, 16], attention=True, skip_input=True, layers=2),
     dict(dims=[4, 4, 4], channels=6, hidden=16, attention=True, attention_heads=3, state_bound=0.5),
     dict(dims=[3, 5, 2], channels=4, layers=3, skip_input=True),
+    dict(dims=[4, 4, 6], mixer="alternate", attention=True, skip_input=True, layers=2, mixer_heads=2),
+    dict(dims=[3, 4, 5], channels=4, mixer="attention"),
 ])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("path", PATHS)
@@ -77,11 +81,12 @@ def test_depthwise_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda s, w: depthwise3d(s, dims, w), (state, weight))
 
 
-def test_cube_starts_as_identity_and_stays_bounded():
-    cube = Cube(CubeConfig(dims=[4, 4, 4])).train()
+@pytest.mark.parametrize("mixer", ["local", "attention", "alternate"])
+def test_cube_starts_as_identity_and_stays_bounded(mixer):
+    cube = Cube(CubeConfig(dims=[4, 4, 4], mixer=mixer)).train()
     u = torch.randn(2, 64, 8)
-    assert torch.equal(list(cube.run(u, 3))[-1], u)  # zero-initialised last layer
-    loud = random_cube(dims=[4, 4, 4], state_bound=1.0)
+    assert torch.equal(list(cube.run(u, 3))[-1], u)  # zero-initialised last layers
+    loud = random_cube(dims=[4, 4, 4], state_bound=1.0, mixer=mixer)
     for state in loud.run(10 * u, 6):
         assert state.abs().max() <= 1.0
 
@@ -95,6 +100,44 @@ def test_eval_is_deterministic_training_is_stochastic():
     assert not torch.equal(list(cube.run(u, 3))[-1], list(cube.run(u, 3))[-1])
 
 
+def test_the_mixer_sets_which_rule_each_step_applies():
+    kinds = lambda **kw: [type(r).__name__ for r in Cube(CubeConfig(dims=[4, 4, 4], **kw)).rules]  # noqa: E731
+    assert kinds() == ["Rule"]
+    assert kinds(mixer="attention", layers=2) == ["CellAttention", "CellAttention"]
+    assert kinds(mixer="alternate", layers=2) == ["Rule", "CellAttention", "Rule", "CellAttention"]
+
+
+def test_cell_attention_is_softmax_attention_among_all_cells_then_a_cell_mlp():
+    """The block by hand, in float64: per head, softmax(q k^T / sqrt(d)) v over every pair of cells."""
+    cfg = CubeConfig(dims=[2, 3, 4], channels=4, mixer="attention", mixer_heads=2, skip_input=True, hidden=8)
+    block = random_cube(**vars(cfg)).rules[0].double()
+    state, u = torch.randn(3, 24, 4, dtype=torch.float64), torch.randn(3, 24, 4, dtype=torch.float64)
+    norm = lambda x, ln: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt() \
+        * ln.weight + ln.bias  # noqa: E731
+    x = norm(state, block.norm_attend) + block.position
+    q, k, v = (x @ block.query_key_value.weight.T + block.query_key_value.bias).split(4, dim=-1)
+    heads = lambda t: t.view(3, 24, 2, 2).transpose(1, 2)  # noqa: E731  (B, heads, cells, 2)
+    scores = heads(q) @ heads(k).transpose(-1, -2) / 2 ** 0.5
+    mixed = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(3, 24, 4)
+    attended = mixed @ block.out.weight.T + block.out.bias
+    hidden = torch.relu(torch.cat([norm(state + attended, block.norm_update), u], -1) @ block.w1.weight.T + block.w1.bias)
+    expected = attended + hidden @ block.w2.weight.T + block.w2.bias
+    torch.testing.assert_close(block(state, u), expected)
+
+
+@pytest.mark.parametrize("mixer, reached", [("local", 8), ("attention", 64), ("alternate", 8)])
+def test_an_attention_step_reaches_every_cell_a_local_step_its_neighbours(mixer, reached):
+    """A change in one corner cell's input moves, after one step, its 2x2x2 neighbourhood (local rule, and the
+    alternating cube's first step, which is local) or the whole lattice (attention)."""
+    cube = random_cube(dims=[4, 4, 4], mixer=mixer).eval()
+    u = torch.randn(1, 64, 8)
+    moved = u.clone()
+    moved[0, 0] += torch.randn(8)  # not a constant: layer norm would cancel it
+    step = lambda x: next(cube.run(x, 1))  # noqa: E731
+    changed = (step(moved) - step(u)).abs().amax(-1) > 1e-6
+    assert int(changed.sum()) == reached
+
+
 def test_cost_counts_parameters_and_flops():
     cfg = CubeConfig(dims=[8, 8, 12], channels=8, hidden=32, max_steps=8)
     c = cost(cfg)
@@ -103,6 +146,10 @@ def test_cost_counts_parameters_and_flops():
     per_cell_step = 2 * (8 * 27 + 16 * 32 + 32 * 8)  # multiply-adds of the convolution and the two layers
     assert c["flops_per_sample"] == 8 * 768 * per_cell_step
     assert cost(CubeConfig(max_steps=16))["flops_per_sample"] == 2 * c["flops_per_sample"]
+    # The attention mixer: projections and the cell MLP per cell, and the scores and their values over cells^2.
+    per_cell = 2 * (8 * 24 + 8 * 8 + 8 * 32 + 32 * 8)  # query/key/value, output, the MLP's two layers
+    assert cost(dataclasses.replace(cfg, mixer="attention"))["flops_per_sample"] == \
+        8 * (768 * per_cell + 2 * 2 * 768 * 768 * 8)  # q k^T and (scores) v, one head of 8 channels
 
 
 def test_the_fused_kernel_splits_the_batch_over_threads_with_the_same_result():
