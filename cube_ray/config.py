@@ -174,11 +174,19 @@ class DataConfig:
 from cube_ray.model.config import AdapterConfig, CubeConfig, LossConfig, WeightingConfig  # noqa: E402
 
 
+Mode = typing.Literal["autoencoder", "dialogue", "dual", "distill"]
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run: which data and teachers, the student, the loss mix, and how to optimise it."""
 
-    mode: typing.Literal["autoencoder", "dialogue", "dual", "distill"] = "dialogue"
+    mode: Mode = "dialogue"  # the run's task: what every epoch is scored on and the best checkpoint is picked by
+    # Progressive training (cube_ray.train.stages): the modes trained in turn, the last one `mode`, e.g.
+    # [autoencoder, dialogue]; [] = `mode` alone. `stage_share` of the epochs go to the stages before the last.
+    stages: list[Mode] = dataclasses.field(default_factory=list)
+    stage_share: float = 0.5
+    init_from: str | None = None  # a checkpoint folder whose matching weights start this run (cube_ray.train.stages)
     teachers: list[str] = dataclasses.field(default_factory=lambda: ["minilm"])
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     cube: CubeConfig = dataclasses.field(default_factory=CubeConfig)
@@ -217,6 +225,13 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.teachers:
             raise ValueError("teachers must name at least one teacher")
+        if self.stages and self.stages[-1] != self.mode:
+            raise ValueError(f"stages {self.stages} must end with the run's mode {self.mode!r} (its task: every stage is "
+                             "scored on it)")
+        if not 0 < self.stage_share < 1:
+            raise ValueError(f"stage_share must be in (0, 1), got {self.stage_share}")
+        if "distill" in self.stages and len(self.teachers) < 2:
+            raise ValueError("stage 'distill' maps between teachers, so it needs at least two")
         if self.mode == "distill" and len(self.teachers) < 2:
             raise ValueError("mode 'distill' maps between teachers, so it needs at least two")
         if self.mode == "distill" and self.cube.residual and not self.grad_clip:

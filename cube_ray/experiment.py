@@ -19,6 +19,7 @@ ASHA_STOPPED = "asha_stopped.json"
 TRIAL = "trial.json"
 FINISHED = "finished.json"
 SNAPSHOT_PREFIX = ".tmp-snapshot-"
+INIT_FROM = "init_from.json"  # a run started from another's checkpoint: what it loaded, what it left new
 
 # What each report carries for Tune and Optuna (train/loop.py writes them, on each worker)
 ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric
@@ -51,3 +52,9 @@ def load_study(exp: Path):
     names = [s.study_name for s in storage.get_all_studies()]
     name = names[0] if len(names) == 1 else Path(exp).name
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint folder, else its best_eval/ (a training run's or a trial's folder)."""
+    path = Path(path)
+    return path if (path / "checkpoint.json").exists() else path / "best_eval"

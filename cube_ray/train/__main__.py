@@ -1,15 +1,18 @@
-"""python -m cube_ray.train [--config FILE | --preset NAME] [--store DIR] [--workers N] [--out DIR] [--resume] [--seed S]"""
+"""python -m cube_ray.train [--config FILE | --preset NAME] [--store DIR] [--workers N] [--out DIR] [--resume]
+[--init-from CHECKPOINT] [--seed S]"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 from cube_ray.cli import default_store, positive_int, seed_int, setup_logging
 from cube_ray.config import TrainConfig, load_yaml
+from cube_ray.experiment import INIT_FROM
 from cube_ray.teachers.registry import load_registry
-from cube_ray.train.run import fit
+from cube_ray.train.run import fit, with_init_checkpoint
 from cube_ray.train.snapshot import check_resume_config
 
 PRESETS = Path(__file__).parent / "presets"
@@ -25,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/train", help="output folder: checkpoints, eval samples (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--epochs-this-run", type=positive_int, help="stop after this many epochs (continue later with --resume)")
+    p.add_argument("--init-from", help="start from this checkpoint (or a run folder's best_eval/): the weights that "
+                                       "match are loaded, the rest left new (init_from.json in --out says which)")
     p.add_argument("--teacher-config", help="a YAML file of extra teacher specs")
     p.add_argument("--seed", type=seed_int, help="seed of everything (overrides the config)")
     args = p.parse_args(argv)
@@ -37,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.workers = args.workers
     if args.seed is not None:
         cfg.seed, cfg.data = args.seed, dataclasses.replace(cfg.data, seed=args.seed)
+    if args.init_from is not None:
+        cfg.init_from = args.init_from
     try:  # at the door: a resume with another config than the run's is a usage error, not a traceback
         cfg.validate()
+        cfg = with_init_checkpoint(cfg)
         if args.resume:
             check_resume_config(cfg, Path(args.out).resolve())
     except ValueError as e:
@@ -46,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     result = fit(cfg, args.store, args.out, resume=args.resume, registry=load_registry(args.teacher_config),
                  stop_after=args.epochs_this_run)
     last = result.history[-1] if result.history else {}
+    if (result.out / INIT_FROM).exists():
+        summary = json.loads((result.out / INIT_FROM).read_text())
+        print(f"started from {summary['from']}: loaded {', '.join(summary['loaded']) or 'nothing'}; "
+              f"left new {', '.join(summary['new']) or 'nothing'}")
     print(f"\ntrained {len(result.history)} epoch(s){' (' + result.stopped + ')' if result.stopped else ''}; "
           f"last eval {last.get('eval', float('nan')):.4f}; checkpoints in {result.out}: latest, best_loss, best_eval")
     return 0

@@ -7,13 +7,14 @@
   2. centre every teacher on the train mean (all-reduced over workers), build the student (same seed on every
      rank, so DDP starts from identical weights), the optimiser and the schedule;
   3. resume from the latest checkpoint if Ray hands one over (a restarted worker or `--resume`): weights,
-     optimiser, schedule, TrainState with the RNG states;
+     optimiser, schedule, TrainState with the RNG states; else start from `init_from`'s matching weights, if set;
   4. per epoch: steps of the fixed global batch, each worker taking its share in micro-batches sized by the
      BatchSizer (gradients accumulated, DDP syncing on the last one; an out-of-memory error halves the micro-batch
      and retries the step). Every `report_every_samples` samples a round: the selection metric on a fixed slice of
      the picking split (`round_eval`), latest/ saved (the state holds the step inside the epoch), a report to Ray
      (Tune's ASHA decides on it). At the epoch's end: validation on the whole split, callbacks, and a checkpoint
-     reported to Ray with the metrics.
+     reported to Ray with the metrics. With `stages` (train/stages.py) each epoch trains its stage's mode, and a
+     later stage's first epoch starts from best_eval/ with a fresh optimiser and schedule.
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
+from cube_ray.train.optim import make_optimizer, make_schedule
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
+from cube_ray.train.stages import init_from, restore_best, stage_at, stage_plan, starts_stage
 from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
@@ -50,22 +53,6 @@ log = logging.getLogger("cube_ray.train")
 # The batch sizer's probe: the bytes autograd saves grow linearly with the samples (the default cube's 7,112 KiB per
 # sample measure the same at 4, 8 and 32), so 8 samples measure what 32 would at a third of the probe's time.
 PROBE_SIZE = 8
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "plateau":  # stepped once per epoch on the eval metric
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=2, factor=0.5)
-    return None
 
 
 def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]:
@@ -155,14 +142,17 @@ def setup_worker(config: dict) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     student = build_student(cfg, widths)
-    model = _data_parallel(student) if world > 1 else student
-    optimizer = make_optimizer(cfg, student.parameters())
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
-    schedule = make_schedule(cfg, optimizer, steps_per_epoch)
-    state = TrainState()
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
     # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
     snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))
+    if snap is None and cfg.init_from:  # a resumed run continues its own weights, wherever they started
+        init_from(student, cfg, Path(config["out"]), rank)
+    model = _data_parallel(student) if world > 1 else student
+    optimizer = make_optimizer(cfg, student.parameters())
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
+    # the first stage's schedule; a resumed run loads its stage's below
+    schedule = make_schedule(cfg, optimizer, steps_per_epoch, stage_plan(cfg)[0].epochs)
+    state = TrainState()
     if snap is not None:
         check_widths(snap.checkpoint, widths, f"the train split's embeddings in {config['store']}")
         student.load_state_dict(snap.student.state_dict())
@@ -184,19 +174,44 @@ def setup_worker(config: dict) -> Worker:
     timing["model_done"] = now()
     student.core.cube.prepare()  # the fused kernel: built once per machine and shape, else loaded
     timing["kernel_done"] = now()
+    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
-        sizer.probe(lambda n: probe_step(cfg, model, take(shard, torch.arange(n))), probe_size=min(PROBE_SIZE, len(shard)),
-                    parameters=list(student.parameters()))
+        probe_micro_batch(sizer, run, model, shard)
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
-    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
     for cb in callbacks:
         cb.on_start(run)
     return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard,
                   round_slice(eval_pairs, cfg.round_eval_size, cfg.seed), centres, specs, config, steps_per_epoch,
                   share, world, str(snap.checkpoint.dir) if snap is not None else None, timing=timing)
+
+
+def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> None:
+    """Size the micro-batch by a probe step of the current stage's tasks (modes differ in rows per sample), in
+    training mode, and draw nothing from the RNGs training draws from: a run resumed at a stage's start then probes
+    as the uninterrupted run did and continues bit for bit."""
+    run.student.train()
+    with torch.random.fork_rng(devices=[]):
+        sizer.probe(lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode),
+                    probe_size=min(PROBE_SIZE, len(shard)), parameters=list(run.student.parameters()))
+
+
+def begin_stage(w: Worker) -> None:
+    """A later stage's first epoch (cube_ray.train.stages): the best model so far, a fresh optimiser and schedule
+    for the stage's epochs, early stopping counting afresh, and the micro-batch probed for the stage's tasks."""
+    run, cfg, state = w.run, w.run.cfg, w.run.state
+    stage = stage_at(cfg, state.epoch)
+    source = restore_best(run.student, run.out, run.rank, w.world)
+    w.optimizer = make_optimizer(cfg, run.student.parameters())
+    w.schedule = make_schedule(cfg, w.optimizer, w.steps_per_epoch, stage.epochs)
+    state.epochs_without_improvement = state.epochs_without_entropy_drop = 0
+    state.best_entropy = float("inf")
+    probe_micro_batch(w.sizer, run, w.model, w.shard)
+    if run.rank == 0:
+        log.info("stage %s from epoch %d for %d epoch(s), starting from %s", stage.mode, state.epoch + 1,
+                 stage.epochs, source)
 
 
 def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str, float]]]:
@@ -282,6 +297,8 @@ def train_epoch(w: Worker) -> None:
     """The rest of the current epoch (all of it, unless a round's checkpoint fell inside it), reporting each round;
     then validation on the whole picking split, the callbacks and the epoch's checkpoint."""
     run, cfg, state = w.run, w.run.cfg, w.run.state
+    if starts_stage(cfg, state.epoch, state.step_in_epoch):
+        begin_stage(w)
     for cb in w.callbacks:
         cb.on_epoch_start(run)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + state.epoch * 101 + run.rank)

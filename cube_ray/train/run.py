@@ -18,8 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
-from cube_ray.config import TrainConfig, save_yaml, to_dict
-from cube_ray.experiment import SNAPSHOT_PREFIX
+from cube_ray.config import ConfigError, TrainConfig, save_yaml, to_dict
+from cube_ray.experiment import SNAPSHOT_PREFIX, checkpoint_folder
 from cube_ray.fsutil import folder_lock, recover_swap
 from cube_ray.store import EmbeddingError, EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
@@ -115,12 +115,25 @@ def fit(cfg: TrainConfig, store_root: str | Path, out: str | Path, resume: bool 
     their folders lie inside the experiment its driver holds locked.
     """
     cfg.validate()  # before any work: a bad value fails here, not in a worker after extraction
+    cfg = with_init_checkpoint(cfg)
     out = Path(out).resolve()
     # This driver holds the lock until the run ends (its Ray Train workers write into `out` under it): a second
     # training or --resume into the same folder is refused at once, before it could overwrite or prune this one's
     # checkpoints, and what killed runs left here can be repaired without racing a live one.
     with folder_lock(out, "training run") if lock else contextlib.nullcontext():
         return _fit(cfg, out, store_root, resume, registry, run_config_kwargs, stop_after, data)
+
+
+def with_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
+    """cfg with `init_from` made the absolute path of its checkpoint folder (workers may run elsewhere); a path that
+    holds no checkpoint is refused here, before any work."""
+    if not cfg.init_from:
+        return cfg
+    folder = checkpoint_folder(Path(cfg.init_from).absolute())
+    if not (folder / "checkpoint.json").exists():
+        raise ConfigError(f"init_from: {cfg.init_from} is not a checkpoint folder (no checkpoint.json) and holds "
+                                f"no best_eval/ checkpoint; expected a checkpoint or a training run's folder")
+    return dataclasses.replace(cfg, init_from=str(folder))
 
 
 def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_config_kwargs, stop_after,

@@ -13,6 +13,7 @@ import torch
 from cube_ray.config import TrainConfig
 from cube_ray.model import Student
 from cube_ray.train.data import Pairs
+from cube_ray.train.stages import stage_at
 
 
 @dataclasses.dataclass
@@ -71,6 +72,11 @@ class Run:
     eval_pairs: Pairs
     stop: str = ""
     oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
+
+    @property
+    def task_mode(self) -> str:
+        """The mode this epoch trains: its stage's (cube_ray.train.stages); every epoch is scored on cfg.mode."""
+        return stage_at(self.cfg, self.state.epoch).mode
 
 
 def _tuples(value):

@@ -47,20 +47,20 @@ class Predicted:
     steps: torch.Tensor  # (N,) the halting distribution's expected steps
 
 
-def tasks(cfg: TrainConfig, batch: Pairs) -> list[Task]:
-    """The mode's tasks for every teacher.
+def tasks(cfg: TrainConfig, batch: Pairs, mode: str | None = None) -> list[Task]:
+    """The tasks of `mode` (default: the run's; a stage trains its own) for every teacher.
 
     dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
     distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
     """
-    out = []
+    mode, out = mode or cfg.mode, []
     for t in cfg.teachers:
         q, a = batch.q[t], batch.a[t]
-        if cfg.mode == "distill":
+        if mode == "distill":
             out += [Task(t, q, batch.a[u], (t, u)) for u in cfg.teachers]
             continue
         dialogue, auto = Task(t, q, a, (t, t)), Task(t, torch.cat([q, a]), torch.cat([q, a]), (t, t))
-        out += {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[cfg.mode]
+        out += {"dialogue": [dialogue], "autoencoder": [auto], "dual": [dialogue, auto]}[mode]
     return out
 
 
@@ -102,7 +102,7 @@ def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, bat
     """Backpropagate the share's loss into the parameters' .grad, in micro-batches of `micro` (gradient cache)."""
     if micro >= len(batch):
         _maybe_inject_oom(run)
-        todo = tasks(run.cfg, batch)
+        todo = tasks(run.cfg, batch, run.task_mode)
         total, parts = share_loss(run, loss_fn, todo, predict(model, todo))
         total.backward()
         return total.item(), parts
@@ -112,9 +112,9 @@ def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, bat
         for chunk in chunks:
             _maybe_inject_oom(run)
             replay.append(torch.get_rng_state())
-            cached.append(predict(model, tasks(run.cfg, chunk)))
+            cached.append(predict(model, tasks(run.cfg, chunk, run.task_mode)))
     after = torch.get_rng_state()
-    per_chunk = [tasks(run.cfg, chunk) for chunk in chunks]
+    per_chunk = [tasks(run.cfg, chunk, run.task_mode) for chunk in chunks]
     whole = [dataclasses.replace(task, x=torch.cat([c[j].x for c in per_chunk]), y=torch.cat([c[j].y for c in per_chunk]))
              for j, task in enumerate(per_chunk[0])]
     leaves = [Predicted(torch.cat([c[j].output for c in cached]).requires_grad_(),
@@ -158,10 +158,10 @@ def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSi
     return total, parts
 
 
-def probe_step(cfg: TrainConfig, model, batch: Pairs) -> None:
-    """Forward and backward of every task of the mode on `batch`, as a step runs them (the batch sizer's probe);
-    it leaves no gradients behind."""
-    preds = predict(model, tasks(cfg, batch))
+def probe_step(cfg: TrainConfig, model, batch: Pairs, mode: str | None = None) -> None:
+    """Forward and backward of every task of `mode` (default: the run's) on `batch`, as a step runs them (the batch
+    sizer's probe); it leaves no gradients behind."""
+    preds = predict(model, tasks(cfg, batch, mode))
     sum(p.output.sum() + p.steps.sum() for p in preds).backward()
     for p in model.parameters():
         p.grad = None

@@ -1,5 +1,6 @@
 """Ray Train cube training on a real local Ray, the real minilm teacher and the bundled SQuAD sample."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -7,9 +8,10 @@ import ray
 import torch
 
 from cube_ray.checkpoint import load_checkpoint
-from cube_ray.config import DataConfig, TrainConfig
+from cube_ray.config import ConfigError, DataConfig, TrainConfig
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.evaluate import student_metrics
+from cube_ray.experiment import INIT_FROM
 from cube_ray.store import EmbeddingStore
 from cube_ray.train.data import load_shard, load_split
 from cube_ray.train.run import fit, prepare_run
@@ -95,6 +97,35 @@ def test_a_curriculum_scores_every_epoch_with_the_steps_it_trained_with(store, t
     picked = max(result.history, key=lambda h: h["eval"])
     assert int(best.student.step_cap) == picked["step_cap"]  # evaluate runs the picked epoch's steps
     assert student_metrics(best.student, best.held_out)["minilm"]["steps"] <= picked["step_cap"]
+
+
+def test_stages_train_their_modes_in_turn_scored_on_the_task_and_resume_across_them(store, tmp_path):
+    """[autoencoder, dialogue] over 4 epochs: the residual student starts at the autoencoder's optimum (its loss is
+    the thinking cost alone), then learns Q->A from the best model so far; every epoch is scored on Q->A. Stopped at
+    the stages' boundary and resumed, the run is the uninterrupted one."""
+    cfg = small(epochs=4, stages=["autoencoder", "dialogue"], cube=dataclasses.replace(small().cube, update_prob=0.5))
+    whole = fit(cfg, store, tmp_path / "whole")
+    assert all(h["eval"] == h["minilm/mrr"] for h in whole.history)  # the task's metric, not the reconstruction
+    losses = [h["loss"] for h in whole.history]
+    assert max(losses[:2]) < 0.1 < min(losses[2:]), losses
+    first = fit(cfg, store, tmp_path / "split", stop_after=2)
+    second = fit(cfg, store, tmp_path / "split", resume=True)
+    assert len(first.history) == 2 and [h["epoch"] for h in second.history] == [1, 2, 3, 4]
+    assert close(weights(tmp_path / "whole" / "latest"), weights(tmp_path / "split" / "latest"), 1e-5)
+    for a, b in zip(whole.history, second.history):
+        assert a["eval"] == pytest.approx(b["eval"], abs=1e-5) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_init_from_starts_where_the_other_run_ended(store, baseline, tmp_path):
+    """From the baseline run's folder (its best_eval/): everything matches, and at a learning rate of ~0 the first
+    epoch scores what the baseline's best checkpoint scored."""
+    result = fit(small(init_from=str(baseline.out), lr=1e-9, schedule="none", epochs=1), store, tmp_path / "warm")
+    summary = json.loads((tmp_path / "warm" / INIT_FROM).read_text())
+    assert summary == {"from": str(baseline.out / "best_eval"), "loaded": ["adapters.minilm", "core"], "new": []}
+    assert result.history[0]["eval"] == pytest.approx(max(h["eval"] for h in baseline.history), abs=1e-4)
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):  # refused before anything is written
+        fit(small(init_from=str(tmp_path / "nowhere")), store, tmp_path / "cold")
+    assert not (tmp_path / "cold").exists()
 
 
 def test_a_resume_with_another_config_is_refused_naming_what_differs(store, baseline):
