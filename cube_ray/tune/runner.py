@@ -25,6 +25,7 @@ from pathlib import Path
 from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
 from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text, folder_lock, recover_swap
+from cube_ray.train.run import with_init_checkpoint
 from cube_ray.train.timing import now, stamp
 from cube_ray.tune.space import SearchSpace, load_space
 from cube_ray.tune.study import copy_finished_trials, make_searcher
@@ -81,6 +82,7 @@ def space_for(search: SearchConfig) -> SearchSpace:
     if search.teachers:
         base.teachers = list(search.teachers)
     base.validate()
+    base = with_init_checkpoint(base)  # absolute: a trial resolves a relative path in its own working directory
     check_warmup_fits(search, space, base.epochs)
     return dataclasses.replace(space, base=base)
 
@@ -195,7 +197,8 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     known = copy_finished_trials(Path(search.continue_from), exp, space) if search.continue_from else 0
     # metric and mode live in the searcher and the scheduler only (Tune refuses them in both places); an earlier
     # experiment that is continued has tried the base preset already
-    searcher = make_searcher(space, exp, search.seed, start_points(space) if not known else None)
+    searcher = make_searcher(space, exp, search.seed, start_points(space) if not known else None,
+                             base=space.base_point()[0] if space.start_at_base and not known else None)
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=asha(search, space, exp, data.rows),
@@ -208,13 +211,14 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
 
 
 def start_points(space: SearchSpace) -> list[dict] | None:
-    """The trials Optuna runs before it samples: the base preset, where the space says `start_at_base`."""
+    """The trials Optuna runs before it samples: the base preset, where the space says `start_at_base`, then the
+    space's `points`."""
     if not space.start_at_base:
-        return None
+        return space.points or None
     point, outside = space.base_point()
     log.info("first trial: the base preset%s", f" ({', '.join(outside)} sampled: the base value is outside the space)"
              if outside else "")
-    return [point]
+    return [point, *space.points]
 
 
 def concurrency(search: SearchConfig, space: SearchSpace) -> int:

@@ -4,6 +4,8 @@ Schema (see search_spaces/*.yaml):
 
     base: default            # a training preset (cube_ray/train/presets) the sampled values override
     start_at_base: true      # optional: the first trial is the base preset itself (see SearchSpace.base_point)
+    points:                  # optional: trials to run next, before the sampler (values of some parameters; the
+      - {cube/mixer: attention}            # sampler fills in the rest): Ray Tune's points_to_evaluate
     sampler: {n_startup_trials: 4}          # optional: Optuna TPESampler settings (SamplerSettings)
     scheduler: {grace_samples: 1024}        # optional: ASHA in training samples (SchedulerSettings)
     params:                  # order matters: a condition may only name an earlier parameter
@@ -122,6 +124,7 @@ class SearchSpace:
     base: TrainConfig
     params: list[Param]
     start_at_base: bool = False
+    points: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # as Optuna stores them (lists as JSON)
     sampler: SamplerSettings = dataclasses.field(default_factory=SamplerSettings)
     scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
 
@@ -219,6 +222,19 @@ def _param(where: str, name: str, spec: Any, earlier: dict[str, Param]) -> Param
     return Param(name, kind, spec.get("low"), spec.get("high"), spec.get("step"), tuple(choices), tuple(when.items()))
 
 
+def _points(where: str, points: Any, params: dict[str, Param]) -> list[dict[str, Any]]:
+    """The space's `points`, checked: each a mapping of its parameters to values they can take."""
+    if not isinstance(points, list) or not all(isinstance(point, dict) and point for point in points):
+        raise ConfigError(f"{where}: points must be a list of non-empty mappings of parameter names to values")
+    for i, point in enumerate(points):
+        for name, value in point.items():
+            if name not in params:
+                raise ConfigError(f"{where}: points[{i}]: {name!r} is not a parameter of this space")
+            if not params[name].holds(value):
+                raise ConfigError(f"{where}: points[{i}]: {name}={value!r} is outside the parameter's range or choices")
+    return [{name: params[name].encode(value) for name, value in point.items()} for point in points]
+
+
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """`stage247` (a file under search_spaces/) or a path to a YAML file; validated before any trial runs."""
     path = Path(name_or_path)
@@ -233,7 +249,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'params' mapping")
-    keys = ("base", "params", "start_at_base", "sampler", "scheduler")
+    keys = ("base", "params", "start_at_base", "points", "sampler", "scheduler")
     unknown = sorted(set(data) - set(keys))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; expected some of {list(keys)}")
@@ -249,7 +265,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     for pname, spec in data["params"].items():
         params[pname] = _param(str(path), pname, spec, params)
     space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()),
-                        data.get("start_at_base", False),
+                        data.get("start_at_base", False), _points(str(path), data.get("points", []), params),
                         from_dict(SamplerSettings, data.get("sampler") or {}, where=f"{path}: sampler"),
                         from_dict(SchedulerSettings, data.get("scheduler") or {}, where=f"{path}: scheduler"))
     for p in space.params:  # every categorical choice must make a valid config on its own

@@ -25,8 +25,10 @@ from cube_ray.tune.space import SearchSpace
 log = logging.getLogger("cube_ray.tune")
 
 
-def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: list[dict] | None):
-    """OptunaSearch on the experiment's durable study, with the space's TPE settings."""
+def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: list[dict] | None,
+                  base: dict | None = None):
+    """OptunaSearch on the experiment's durable study, with the space's TPE settings; the trial with the values of
+    `base` (the base preset's point, enqueued first) is marked as such."""
     from optuna.samplers import TPESampler
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
@@ -37,7 +39,7 @@ def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: 
             if params is not None:
                 trial = self._ot_trials[trial_id]
                 trial.set_user_attr(TRIAL_ID, trial_id)
-                if any(all(trial.params.get(k) == v for k, v in point.items()) for point in points_to_evaluate or ()):
+                if base is not None and all(trial.params.get(k) == v for k, v in base.items()):
                     trial.set_user_attr(BASE_PRESET, True)  # the enqueued base preset
             return params
 

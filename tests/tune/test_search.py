@@ -16,7 +16,8 @@ import yaml
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
-from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TRIAL, TRIAL_ID, load_study
+from cube_ray.experiment import (ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, INIT_FROM, TRIAL, TRIAL_ID,
+                                 load_study)
 from cube_ray.tune.runner import MIN_TRIAL_BUDGET_S, REPORT_RESERVE_S, prune_unregistered_checkpoints, run_search, trial_budget
 
 KEEP = 1
@@ -244,6 +245,14 @@ def test_every_path_is_under_the_working_directory_with_the_default_relative_out
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert (cwd / "results" / "train" / "latest" / "checkpoint.json").exists()
     assert (cwd / "store" / "embeddings" / "minilm").is_dir()  # a relative --store is the working directory's
+    warm = subprocess.run([sys.executable, "-m", "cube_ray.train", "--config", "smoke.yaml", "--epochs-this-run", "1",
+                           "--store", "store", "--out", "results/warm", "--init-from", "results/train"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr[-3000:]
+    summary = json.loads((cwd / "results" / "warm" / INIT_FROM).read_text())  # a relative --init-from: the cwd's run
+    assert summary == {"from": str(cwd / "results" / "train" / "best_eval"), "loaded": ["adapters.minilm", "core"],
+                       "new": []}
+    assert f"started from {summary['from']}: loaded adapters.minilm, core; left new nothing" in warm.stdout
 
 
 def test_continue_from_starts_knowing_the_earlier_trials(smoke, cluster, store, tmp_path):
@@ -270,11 +279,29 @@ def test_continue_from_starts_knowing_the_earlier_trials(smoke, cluster, store, 
 def test_conditional_parameters_are_sampled_only_when_their_condition_holds(smoke):
     for trial in trial_dirs(smoke):
         params = json.loads((trial / TRIAL).read_text())
-        attention = params["cube/attention"]
+        assert ("cube/attention" in params) == (params["cube/mixer"] == "local")
+        attention = params.get("cube/attention", False)
         assert ("cube/attention_heads" in params) == attention
         cfg = load_yaml(TrainConfig, trial / "config.yaml")  # what the trial really trained
         assert cfg.cube.attention == attention and cfg.workers == 1 and cfg.data.limit == 300
     assert len(trial_dirs(smoke)) == 4
+
+
+def test_the_spaces_points_train_each_approach_after_the_base(smoke):
+    """smoke.yaml's points: the attention mixer, then alternating steps with autoencoder -> dialogue stages; each
+    trial trains what it was given (its checkpoint's cube and stages) and reports rounds."""
+    from cube_ray.train.snapshot import load_snapshot
+
+    study = load_study(smoke)
+    trained = []
+    for t in study.trials[1:3]:
+        folder = smoke / f"trial_{t.user_attrs[TRIAL_ID]}"
+        snap = load_snapshot(folder / "latest", with_state=True)
+        kinds = [type(rule).__name__ for rule in snap.student.core.cube.rules]
+        trained.append((t.params["cube/mixer"], snap.cfg.stages, kinds))
+        assert t.intermediate_values and not t.user_attrs.get(BASE_PRESET)
+    assert trained == [("attention", [], ["CellAttention"]),
+                       ("alternate", ["autoencoder", "dialogue"], ["Rule", "CellAttention"])]
 
 
 def test_checkpoint_retention_is_bounded_per_trial(smoke):

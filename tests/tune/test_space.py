@@ -35,9 +35,16 @@ def test_conditional_parameters_are_respected():
     space = load_space("stage247")
     trials = sample(space, 40, seed=1)
     for params in trials:
-        assert ("cube/attention_heads" in params) == params["cube/attention"]
+        assert ("cube/attention" in params) == (params["cube/mixer"] == "local")
+        assert ("cube/attention_heads" in params) == params.get("cube/attention", False)
         assert ("weighting/temperature" in params) == (params["weighting/mode"] == "adaptive")
-    assert {p["cube/attention"] for p in trials} == {False, True}  # both branches were explored
+        assert ("stage_share" in params) == (params["stages"] == '["autoencoder", "dialogue"]')
+        cfg = space.train_config(params)
+        assert cfg.stages in ([], ["autoencoder", "dialogue"]) and cfg.cube.mixer == params["cube/mixer"]
+    # every branch was explored
+    assert {p.get("cube/attention") for p in trials} == {None, False, True}
+    assert {p["cube/mixer"] for p in trials} == {"local", "attention", "alternate"}
+    assert {p["stages"] for p in trials} == {"[]", '["autoencoder", "dialogue"]'}
 
 
 def test_sampling_is_seeded_and_lists_round_trip():
@@ -64,6 +71,11 @@ def test_sampling_is_seeded_and_lists_round_trip():
     ("params: [\n", r"not valid YAML"),
     ("start_at_base: yes please\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"start_at_base must be true or false"),
     ("params:\n  epochs: {type: int, low: 1, high: 3}\n", r"'epochs' cannot be searched: it is the budget ASHA hands out"),
+    ("points:\n  - {lr: 0.5}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
+     r"points\[0\]: lr=0.5 is outside the parameter's range"),
+    ("points:\n  - {cube/mixer: attention}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
+     r"points\[0\]: 'cube/mixer' is not a parameter of this space"),
+    ("points: {lr: 0.005}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"points must be a list"),
     ("sampler: {n_startup: 4}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"sampler: unknown key\(s\) \['n_startup'\]"),
     ("scheduler: {grace_samples: 0}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"scheduler: need grace_samples >= 1"),
     ("scheduler: {reduction_factor: three}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
