@@ -11,6 +11,8 @@ val) is then scored on the held-out eval split in each teacher space, next to id
 - stages:     autoencoder -> dialogue, half the epochs each (cube_ray/train/stages.py);
 - attention:  every step a transformer block over all cells (cube.mixer: attention);
 - alternate:  local and attention steps in turn (cube.mixer: alternate);
+- fusion-sum, fusion-concat: both teachers' embeddings of the text written into one lattice at once (fusion), one
+  run of the cube read out into each teacher's space;
 - pure, pure+stages: the plan's pure cube (residual: false), alone and with autoencoder pretraining, where the
   autoencoder stage has something to learn (a residual student starts at its optimum, the identity).
 
@@ -42,6 +44,8 @@ APPROACHES = {
     "stages": {"stages": ["autoencoder", "dialogue"], "stage_share": 0.5},
     "attention": {"cube": {"mixer": "attention"}},
     "alternate": {"cube": {"mixer": "alternate"}},
+    "fusion-sum": {"fusion": "sum"},
+    "fusion-concat": {"fusion": "concat"},
     "pure": {"cube": {"residual": False}},
     "pure+stages": {"cube": {"residual": False}, "stages": ["autoencoder", "dialogue"], "stage_share": 0.5},
 }

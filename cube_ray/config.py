@@ -187,6 +187,10 @@ class TrainConfig:
     stages: list[Mode] = dataclasses.field(default_factory=list)
     stage_share: float = 0.5
     init_from: str | None = None  # a checkpoint folder whose matching weights start this run (cube_ray.train.stages)
+    # Teacher fusion (cube_ray/model/student.py): every task's input is the same text embedded by all teachers at
+    # once, their adapters' fields added ("sum") or side by side in each cell's channels and mixed ("concat"),
+    # read out into every teacher's space. "none": each teacher's input alone.
+    fusion: typing.Literal["none", "sum", "concat"] = "none"
     teachers: list[str] = dataclasses.field(default_factory=lambda: ["minilm"])
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     cube: CubeConfig = dataclasses.field(default_factory=CubeConfig)
@@ -232,6 +236,12 @@ class TrainConfig:
             raise ValueError(f"stage_share must be in (0, 1), got {self.stage_share}")
         if "distill" in self.stages and len(self.teachers) < 2:
             raise ValueError("stage 'distill' maps between teachers, so it needs at least two")
+        if self.fusion != "none" and len(self.teachers) < 2:
+            raise ValueError(f"fusion {self.fusion!r} writes several teachers' embeddings into the lattice at once, so it "
+                             "needs at least two teachers")
+        if self.fusion != "none" and "distill" in [self.mode, *self.stages]:
+            raise ValueError(f"fusion {self.fusion!r} with mode 'distill': a fused student already reads every answer "
+                             "space out of one lattice; train it in mode 'dialogue' (or 'dual')")
         if self.mode == "distill" and len(self.teachers) < 2:
             raise ValueError("mode 'distill' maps between teachers, so it needs at least two")
         if self.mode == "distill" and self.cube.residual and not self.grad_clip:

@@ -3,13 +3,16 @@
     reconstruction_cos      the autoencoder path (a text in, the same text out), per teacher       > 0.95
                             space: mean cosine of the student's output to its input, over the
                             split's questions and answers
-    cross_teacher_share/t   a distilled student in teacher u's space: teacher t's questions          > 70 %
-                            answered in u's space (MRR), as a share of u's own identity MRR
+    cross_teacher_share/t   a distilled or fused student in teacher u's space: teacher t's           > 70 %
+                            questions (alone) answered in u's space (MRR), as a share of u's own
+                            identity MRR
     scale                   > 100K training pairs within 8 GB: not a property of one checkpoint;
                             benchmarks/scale.py measures it (results/bench_scale.json)
 
-The cross-teacher share is measured for students trained to map between teachers (mode `distill`); a dialogue
-student's decoders never learnt to write another teacher's space, so it is "n/a" for them. `evaluate` and the
+The cross-teacher share is measured for students trained to map between teachers (mode `distill`) and for fused
+students (fusion sum or concat: their input is then teacher t's embedding alone); a dialogue student's decoders
+never learnt to write another teacher's space, so it is "n/a" for them. A fused student's autoencoder path reads
+every teacher's embedding of the text at once. `evaluate` and the
 search report print the table; `evaluate --json` carries each teacher's criteria under "criteria".
 
 Example, the best trial of the README's first command (a residual dialogue student, 600 held-out pairs):
@@ -23,11 +26,12 @@ from __future__ import annotations
 import torch
 
 from cube_ray.metrics import dedup_pool, reconstruction_cosine, retrieval_metrics
+from cube_ray.model.student import FUSION
 from cube_ray.train.data import Pairs
 
 THRESHOLDS = {"reconstruction_cos": 0.95, "cross_teacher_share": 0.70}
 LABELS = {"reconstruction_cos": "reconstruction cosine (autoencoder path, held-out texts)",
-          "cross_teacher_share": "distilled student: MRR from {t}'s questions / identity MRR"}
+          "cross_teacher_share": "distilled or fused student: MRR from {t}'s questions / identity MRR"}
 SCALE = ("> 100K training pairs within 8 GB: measured by `benchmarks/scale.py` (results/bench_scale.json), not per "
          "checkpoint")
 
@@ -41,18 +45,25 @@ def _criterion(name: str, value: float) -> dict:
 def measure(student, held_out: Pairs, identity_mrr: dict[str, float], cross_teacher: bool) -> dict[str, dict]:
     """{teacher u: {"reconstruction_cos": {"value", "threshold", "met"}, "cross_teacher_share/<t>": …}}."""
     pool = dedup_pool(held_out.answers)
+    texts = {u: torch.cat([held_out.q[u], held_out.a[u]]) for u in held_out.q}  # the split's questions and answers
+    rebuilt, _ = student.predict_each(texts)
     out = {}
     for u in held_out.q:
-        texts = torch.cat([held_out.q[u], held_out.a[u]])  # the split's texts, questions and answers
-        out[u] = {"reconstruction_cos": _criterion(
-            "reconstruction_cos", reconstruction_cosine(student.predict(texts, u)[0], texts))}
+        out[u] = {"reconstruction_cos": _criterion("reconstruction_cos", reconstruction_cosine(rebuilt[u], texts[u]))}
         if not cross_teacher:
             continue
         answers = held_out.a[u][torch.as_tensor(pool.first)]
         for t in (t for t in held_out.q if t != u):
-            mrr = retrieval_metrics(student.predict(held_out.q[t], t, into=u)[0], pool.index, answers)["mrr"]
+            mrr = retrieval_metrics(_across(student, held_out.q[t], t, u), pool.index, answers)["mrr"]
             out[u][f"cross_teacher_share/{t}"] = _criterion("cross_teacher_share", mrr / identity_mrr[u])
     return out
+
+
+def _across(student, x: torch.Tensor, t: str, u: str) -> torch.Tensor:
+    """Predictions in teacher u's space from teacher t's embeddings alone."""
+    if student.fused:
+        return student.predict({t: x}, FUSION)[0][u]
+    return student.predict(x, t, into=u)[0]
 
 
 def format_criteria(criteria: dict[str, dict]) -> list[str]:
@@ -70,7 +81,7 @@ def format_criteria(criteria: dict[str, dict]) -> list[str]:
         lines.append(f"| {LABELS[kind].format(t=source)} | > {THRESHOLDS[kind]:g} | " + " | ".join(cells) + " |")
     if not any(n.startswith("cross_teacher_share") for n in names):
         lines.append(f"| {LABELS['cross_teacher_share'].format(t='another teacher')} | "
-                     f"> {THRESHOLDS['cross_teacher_share']:g} | " + " | ".join("n/a (not a distill student)"
+                     f"> {THRESHOLDS['cross_teacher_share']:g} | " + " | ".join("n/a (neither distilled nor fused)"
                                                                               for _ in teachers) + " |")
     lines.append(f"| {SCALE} | | " + " | ".join("" for _ in teachers) + " |")
     return lines

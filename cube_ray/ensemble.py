@@ -72,10 +72,11 @@ def ensemble_table(checkpoints: list[Path], pairs: str | None = None, seed: int 
     first, students = load_members([Path(c) for c in checkpoints], pairs)
     held_out = first.held_out
     pool = dedup_pool(held_out.answers)
+    predicted = [student.predict_each(held_out.q)[0] for student in students]
     table = {}
     for t in held_out.q:
         answers = held_out.a[t][torch.as_tensor(pool.first)]
-        preds = [F.normalize(student.predict(held_out.q[t], t)[0], dim=-1) for student in students]
+        preds = [F.normalize(p[t], dim=-1) for p in predicted]
         table[t] = {"ensemble": retrieval_metrics(torch.stack(preds).mean(0), pool.index, answers)}
         table[t].update({f"member_{i}": retrieval_metrics(p, pool.index, answers) for i, p in enumerate(preds, 1)})
     if with_baselines:

@@ -28,26 +28,26 @@ ROWS = ("model", *BASELINES)
 
 
 def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> dict[str, dict[str, float]]:
-    """Per teacher: retrieval metrics of q -> a (or reconstruction cosine in autoencoder mode), steps, entropy."""
+    """Per teacher: retrieval metrics of q -> a (or reconstruction cosine in autoencoder mode), steps, entropy. A fused
+    student predicts from every teacher's embedding of the text at once."""
+    if mode == "autoencoder":
+        preds, steps = student.predict_each(pairs.a)
+        return {t: {"recon_cos": reconstruction_cosine(preds[t], pairs.a[t]), "steps": steps[t]} for t in pairs.a}
     pool = dedup_pool(pairs.answers)
+    preds, steps = student.predict_each(pairs.q)
     out = {}
     for t in pairs.q:
         answers = pairs.a[t][torch.as_tensor(pool.first)]
-        if mode == "autoencoder":
-            pred, steps = student.predict(pairs.a[t], t)
-            out[t] = {"recon_cos": reconstruction_cosine(pred, pairs.a[t]), "steps": steps}
-            continue
-        pred, steps = student.predict(pairs.q[t], t)
-        out[t] = {**retrieval_metrics(pred, pool.index, answers), "steps": steps,
-                  "entropy": retrieval_entropy(pred, answers)}
+        out[t] = {**retrieval_metrics(preds[t], pool.index, answers), "steps": steps[t],
+                  "entropy": retrieval_entropy(preds[t], answers)}
     return out
 
 
 def retrieval_agreement(student: Student, pairs: Pairs) -> dict[str, float]:
     """Per teacher: how often the student's top-1 answer in its space is the top-1 in the other teachers' spaces."""
     pool = dedup_pool(pairs.answers)
-    return agreement({t: top1(student.predict(pairs.q[t], t)[0], pairs.a[t][torch.as_tensor(pool.first)])
-                      for t in pairs.q})
+    preds, _ = student.predict_each(pairs.q)
+    return agreement({t: top1(preds[t], pairs.a[t][torch.as_tensor(pool.first)]) for t in pairs.q})
 
 
 def baseline_table(train: Pairs, held_out: Pairs, seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -68,7 +68,7 @@ def with_criteria(table: dict[str, dict[str, dict]], loaded) -> dict[str, dict[s
     """The comparison table of `loaded` (load_for_eval) with the plan's criteria added under each teacher's
     "criteria" (cube_ray/criteria.py); the cross-teacher share is relative to the table's identity rows."""
     found = criteria.measure(loaded.student, loaded.held_out, {t: rows["identity"]["mrr"] for t, rows in table.items()},
-                             cross_teacher=loaded.mode == "distill")
+                             cross_teacher=loaded.mode == "distill" or loaded.student.fused)
     return {t: {**rows, "criteria": found[t]} for t, rows in table.items()}
 
 

@@ -2,7 +2,8 @@
 
     python -m cube_ray.infer CHECKPOINT "question" [--bank FILE] [--k 5] [--teacher NAME] [--timeout-s T]
 
-The question is embedded by the checkpoint's teacher, centred like in training, pushed through the cube (which
+The question is embedded by the checkpoint's teacher (a fused student's: by every teacher, answering in
+`--teacher`'s space), centred like in training, pushed through the cube (which
 halts by its gate, at the step cap, or at the timeout), and the bank's answers are ranked by cosine to the
 prediction. The bank defaults to the answers of the checkpoint's training split (embeddings from the store);
 `--bank` takes a .txt file (one answer per line) or a pairs file (its answers). Inference uses only an
@@ -20,7 +21,7 @@ import torch
 from cube_ray.config import InferConfig
 from cube_ray.data.readers import read_pairs
 from cube_ray.metrics import Centering, dedup_pool
-from cube_ray.model import Student
+from cube_ray.model import FUSION, Student
 from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.model import Teacher
 from cube_ray.train.data import load_split
@@ -41,16 +42,20 @@ class Inference:
     timed_out: bool
 
 
-def answer(student: Student, teacher: str, question_emb: torch.Tensor, bank_texts: list[str], bank_emb: torch.Tensor,
-           centre: Centering | None, cfg: InferConfig) -> Inference:
-    """Rank `bank_texts` (embeddings `bank_emb`, raw teacher space) for one raw question embedding."""
+def answer(student: Student, teacher: str, questions: dict[str, torch.Tensor], bank_texts: list[str],
+           bank_emb: torch.Tensor, centres: dict[str, Centering], cfg: InferConfig) -> Inference:
+    """Rank `bank_texts` (embeddings `bank_emb`, raw space of `teacher`) for one question, given as raw embeddings
+    {teacher: (width,)}: the answering teacher's alone, or every teacher's for a fused student."""
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(True)
-    prep = (lambda x: centre(x)) if centre is not None else (lambda x: x)  # noqa: E731
+    prep = lambda t, x: centres[t](x) if t in centres else x  # noqa: E731
+    x = {t: prep(t, q.reshape(1, -1)) for t, q in questions.items()}
     student.eval()
     with torch.no_grad():
-        out = student(prep(question_emb.reshape(1, -1)), teacher, timeout=cfg.timeout_s, max_steps=cfg.max_steps)
-    sims = torch.nn.functional.normalize(out.output, dim=-1) @ torch.nn.functional.normalize(prep(bank_emb), dim=-1).T
+        run = dict(timeout=cfg.timeout_s, max_steps=cfg.max_steps)
+        out = student(x, FUSION, **run)[teacher] if student.fused else student(x[teacher], teacher, **run)
+    sims = torch.nn.functional.normalize(out.output, dim=-1) @ torch.nn.functional.normalize(
+        prep(teacher, bank_emb), dim=-1).T
     top = sims[0].topk(min(cfg.k, len(bank_texts)))
     return Inference([Answer(bank_texts[i], s) for s, i in zip(top.values.tolist(), top.indices.tolist())],
                      int(out.steps_run[0]), out.timed_out)
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if teacher not in snap.cfg.teachers:
         p.error(f"checkpoint has teachers {snap.cfg.teachers}, not {teacher!r}")
     texts, emb = _bank(args.bank, snap, teacher)
-    q = torch.from_numpy(Teacher(snap.checkpoint.teachers[teacher]).embed([args.question]))
-    result = answer(snap.student, teacher, q, texts, emb, snap.centres.get(teacher), cfg)
+    embedders = snap.cfg.teachers if snap.student.fused else [teacher]
+    questions = {t: torch.from_numpy(Teacher(snap.checkpoint.teachers[t]).embed([args.question])) for t in embedders}
+    result = answer(snap.student, teacher, questions, texts, emb, snap.centres, cfg)
     print(f"Q: {args.question}   ({teacher}, {result.steps} step(s){', timed out' if result.timed_out else ''})")
     for rank, a in enumerate(result.answers, start=1):
         print(f"{rank:>2}. {a.score:.3f}  {a.text}")

@@ -8,7 +8,7 @@ import importlib
 _HOMES = {"ADAPTERS": "adapters", "Adapter": "adapters", "build_adapter": "adapters",
           "AdapterConfig": "config", "CubeConfig": "config", "LossConfig": "config", "WeightingConfig": "config",
           "Cube": "cube", "cost": "cube", "PonderCube": "halting", "Pondered": "halting",
-          "ReferenceCube": "reference", "Student": "student"}
+          "ReferenceCube": "reference", "Student": "student", "FUSION": "student"}
 __all__ = sorted(_HOMES)
 
 

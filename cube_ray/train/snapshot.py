@@ -26,7 +26,7 @@ log = logging.getLogger("cube_ray.train")
 
 
 def build_student(cfg: TrainConfig, widths: dict[str, int]) -> Student:
-    return Student(cfg.cube, cfg.adapter, widths, cfg.weighting)
+    return Student(cfg.cube, cfg.adapter, widths, cfg.weighting, cfg.fusion)
 
 
 def save_snapshot(path: str | Path, student: Student, centres: dict[str, Centering], cfg: TrainConfig,

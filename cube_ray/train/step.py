@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from cube_ray.config import TrainConfig
 from cube_ray.losses.combine import CombinedLoss
+from cube_ray.model.student import FUSION
 from cube_ray.train.batching import BatchSizer, is_oom
 from cube_ray.train.data import Pairs
 from cube_ray.train.state import Run
@@ -33,12 +34,14 @@ from cube_ray.train.state import Run
 @dataclasses.dataclass
 class Task:
     """One prediction of a mode, for the loss weighted as teacher `teacher`: x (in `route[0]`'s space) -> y (in
-    `route[1]`'s)."""
+    `route[1]`'s). A fused student's task has route (FUSION, teacher) and `inputs`, the same texts in every
+    teacher's space (x is teacher's own); the tasks sharing one `inputs` share one run of the cube."""
 
     teacher: str
     x: torch.Tensor
     y: torch.Tensor
     route: tuple[str, str]
+    inputs: dict[str, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -52,8 +55,12 @@ def tasks(cfg: TrainConfig, batch: Pairs, mode: str | None = None) -> list[Task]
 
     dialogue: q_t -> a_t. autoencoder: x -> x over questions and answers. dual: both, each at half weight.
     distill: q_t -> a_u for every teacher u, so the shared cube must agree with every teacher's answer.
+    With fusion, the input of each is the same texts in every teacher's space at once (q -> a_t, x -> x_t).
     """
-    mode, out = mode or cfg.mode, []
+    mode = mode or cfg.mode
+    if cfg.fusion != "none":
+        return fused_tasks(cfg, batch, mode)
+    out = []
     for t in cfg.teachers:
         q, a = batch.q[t], batch.a[t]
         if mode == "distill":
@@ -64,8 +71,24 @@ def tasks(cfg: TrainConfig, batch: Pairs, mode: str | None = None) -> list[Task]
     return out
 
 
+def fused_tasks(cfg: TrainConfig, batch: Pairs, mode: str) -> list[Task]:
+    q = {t: batch.q[t] for t in cfg.teachers}
+    texts = {t: torch.cat([batch.q[t], batch.a[t]]) for t in cfg.teachers}
+    dialogue = [Task(t, q[t], batch.a[t], (FUSION, t), q) for t in cfg.teachers]
+    auto = [Task(t, texts[t], texts[t], (FUSION, t), texts) for t in cfg.teachers]
+    return {"dialogue": dialogue, "autoencoder": auto, "dual": dialogue + auto}[mode]
+
+
 def predict(model, todo: list[Task]) -> list[Predicted]:
-    outs = [model(task.x, task.route[0], into=task.route[1]) for task in todo]
+    fused: dict[int, dict] = {}  # id(task.inputs) -> {teacher: Pondered}: one run of the cube for all its spaces
+    outs = []
+    for task in todo:
+        if task.inputs is None:
+            outs.append(model(task.x, task.route[0], into=task.route[1]))
+            continue
+        if id(task.inputs) not in fused:
+            fused[id(task.inputs)] = model(task.inputs, FUSION)
+        outs.append(fused[id(task.inputs)][task.route[1]])
     return [Predicted(o.output, o.expected_steps) for o in outs]
 
 
@@ -115,8 +138,8 @@ def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, bat
             cached.append(predict(model, tasks(run.cfg, chunk, run.task_mode)))
     after = torch.get_rng_state()
     per_chunk = [tasks(run.cfg, chunk, run.task_mode) for chunk in chunks]
-    whole = [dataclasses.replace(task, x=torch.cat([c[j].x for c in per_chunk]), y=torch.cat([c[j].y for c in per_chunk]))
-             for j, task in enumerate(per_chunk[0])]
+    whole = [dataclasses.replace(task, x=torch.cat([c[j].x for c in per_chunk]), y=torch.cat([c[j].y for c in per_chunk]),
+                                 inputs=None) for j, task in enumerate(per_chunk[0])]  # for the loss alone
     leaves = [Predicted(torch.cat([c[j].output for c in cached]).requires_grad_(),
                         torch.cat([c[j].steps for c in cached]).requires_grad_()) for j in range(len(whole))]
     total, parts = share_loss(run, loss_fn, whole, leaves)

@@ -70,7 +70,7 @@ def scheduler_settings(search: SearchConfig, space: SearchSpace) -> tuple[int, i
 
 def space_for(search: SearchConfig) -> SearchSpace:
     """The search space with the search's data, teachers, workers, retention and seed applied to its base."""
-    space = load_space(search.space)
+    space = load_space(search.space, search.teachers)
     shared = [p.name for p in space.params if p.name.split("/")[0] in SHARED]
     if shared:
         raise ConfigError(f"search space {search.space!r}: {shared} cannot be searched: every trial reads the same "
@@ -79,8 +79,6 @@ def space_for(search: SearchConfig) -> SearchSpace:
                                cpus_per_worker=search.cpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
                                epochs=trial_epochs(search, space),
                                report_every_samples=search.report_every_samples or space.base.report_every_samples)
-    if search.teachers:
-        base.teachers = list(search.teachers)
     base.validate()
     base = with_init_checkpoint(base)  # absolute: a trial resolves a relative path in its own working directory
     check_warmup_fits(search, space, base.epochs)

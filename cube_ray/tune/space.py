@@ -235,8 +235,9 @@ def _points(where: str, points: Any, params: dict[str, Param]) -> list[dict[str,
     return [{name: params[name].encode(value) for name, value in point.items()} for point in points]
 
 
-def load_space(name_or_path: str | Path) -> SearchSpace:
-    """`stage247` (a file under search_spaces/) or a path to a YAML file; validated before any trial runs."""
+def load_space(name_or_path: str | Path, teachers: list[str] | None = None) -> SearchSpace:
+    """`stage247` (a file under search_spaces/) or a path to a YAML file; validated before any trial runs.
+    `teachers` (a search's): they replace the base preset's before the choices are checked (fusion needs two)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SPACES / f"{name_or_path}.yaml"
@@ -264,7 +265,10 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     params: dict[str, Param] = {}
     for pname, spec in data["params"].items():
         params[pname] = _param(str(path), pname, spec, params)
-    space = SearchSpace(path.stem, load_yaml(TrainConfig, base_path), list(params.values()),
+    base = load_yaml(TrainConfig, base_path)
+    if teachers:
+        base = dataclasses.replace(base, teachers=list(teachers))
+    space = SearchSpace(path.stem, base, list(params.values()),
                         data.get("start_at_base", False), _points(str(path), data.get("points", []), params),
                         from_dict(SamplerSettings, data.get("sampler") or {}, where=f"{path}: sampler"),
                         from_dict(SchedulerSettings, data.get("scheduler") or {}, where=f"{path}: scheduler"))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cube_ray.losses import CombinedLoss
-from cube_ray.model import AdapterConfig, CubeConfig, LossConfig, Student, WeightingConfig
+from cube_ray.model import FUSION, AdapterConfig, CubeConfig, LossConfig, Student, WeightingConfig
 
 TEACHERS = {"minilm": 384, "smollm2": 576}
 
@@ -196,3 +196,89 @@ def test_overfits_64_real_squad_pairs():
     cos, step = overfit(student, "minilm", x, y, steps=400)
     assert cos > 0.95, f"train cosine {cos:.3f} after {step} steps"
     assert torch.cosine_similarity(x, y).mean() < 0.8  # the questions alone are far from it
+
+
+def _fused(fusion, adapter=None, **cube):
+    torch.manual_seed(0)
+    return Student(CubeConfig(dims=[4, 4, 4], max_steps=3, **cube), AdapterConfig(**(adapter or {})), TEACHERS,
+                   fusion=fusion).eval()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_a_fused_student_starts_at_the_identity_in_every_space(fusion):
+    student = _fused(fusion)
+    xs = {t: torch.randn(3, w) for t, w in TEACHERS.items()}
+    out = student(xs, FUSION)
+    assert set(out) == set(TEACHERS)
+    for t, x in xs.items():
+        torch.testing.assert_close(out[t].output, x)
+    # One run of the cube serves every space: the same halting, the same steps.
+    assert torch.equal(out["minilm"].halt_probs, out["smollm2"].halt_probs)
+
+
+def test_sum_fusion_writes_the_sum_of_the_teachers_fields():
+    student = _fused("sum", residual=False)
+    xs = {t: torch.randn(3, w) for t, w in TEACHERS.items()}
+    lattice = sum(student.adapters[t].to_lattice(x) for t, x in xs.items())
+    run = student.core(lattice, student.adapters["minilm"].read, max_steps=3)
+    for t in TEACHERS:
+        torch.testing.assert_close(student(xs, FUSION)[t].output, student.adapters[t].decode(run.output))
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_a_teacher_left_out_writes_nothing(fusion):
+    """With one teacher's input, a fused student is that teacher's own student: the same lattice (concat's mix starts
+    as the sum), the same read-outs; in the other space, the cube's read-out alone."""
+    student = _fused(fusion, residual=False)
+    x = torch.randn(3, 384)
+    alone = student({"minilm": x}, FUSION)
+    torch.testing.assert_close(alone["minilm"].output, student(x, "minilm").output)
+    torch.testing.assert_close(alone["smollm2"].output, student(x, "minilm", into="smollm2").output)
+
+
+def test_concat_fusion_learns_how_to_mix_the_teachers():
+    student = _fused("concat", adapter=dict(io="volume")).train()  # the input reaches the output cells at once
+    xs = {t: torch.randn(4, w) for t, w in TEACHERS.items()}
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    start = student.concat_mix.weight.detach().clone()
+    for _ in range(3):  # the decoders start at zero: the mix gets a gradient from the second step
+        opt.zero_grad()
+        out = student(xs, FUSION)
+        sum(1 - torch.cosine_similarity(out[t].output, xs[t].roll(1, 0)).mean() for t in TEACHERS).backward()
+        opt.step()
+    assert student.concat_mix.weight.shape == (8, 16)
+    assert not torch.allclose(student.concat_mix.weight, start)
+
+
+def test_fused_predictions_in_chunks_match_one_batch():
+    student = _fused("sum")
+    xs = {t: torch.randn(10, w) for t, w in TEACHERS.items()}
+    whole, steps = student.predict(xs, FUSION)
+    chunked, _ = student.predict(xs, FUSION, chunk=3)
+    assert set(whole) == set(TEACHERS) and 2 <= steps <= 3
+    for t in TEACHERS:
+        torch.testing.assert_close(whole[t], chunked[t])
+    each, each_steps = student.predict_each(xs)
+    assert each_steps == {t: steps for t in TEACHERS}
+    torch.testing.assert_close(each["smollm2"], whole["smollm2"])
+
+
+def test_fusion_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="at least two teachers"):
+        Student(CubeConfig(), AdapterConfig(), {"minilm": 384}, fusion="sum")
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        Student(CubeConfig(), AdapterConfig(), TEACHERS, fusion="mean")
+    plain, fused = Student(CubeConfig(dims=[4, 4, 4]), AdapterConfig(), TEACHERS), _fused("sum")
+    xs = {t: torch.randn(2, w) for t, w in TEACHERS.items()}
+    with pytest.raises(ValueError, match="not fused"):
+        plain(xs, FUSION)
+    with pytest.raises(ValueError, match="every teacher's space"):
+        fused(xs, FUSION, into="minilm")
+    with pytest.raises(KeyError, match="unknown teacher 'llama'"):
+        fused({"llama": torch.randn(2, 8)}, FUSION)
+
+
+def test_a_fused_student_costs_one_run_of_the_cube_for_every_teacher():
+    student = _fused("sum")
+    fused, alone = student.cost(FUSION)["flops_per_sample"], {t: student.cost(t)["flops_per_sample"] for t in TEACHERS}
+    assert max(alone.values()) < fused < sum(alone.values())

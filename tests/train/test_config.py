@@ -25,6 +25,9 @@ def test_presets_exist():
     ({"loss": {"cosine": -1}}, r"config.loss: loss weight cosine must be >= 0"),
     ({"epochs": 0}, r"epochs must be at least 1"),
     ({"mode": "distill", "teachers": ["minilm"]}, r"distill.*needs at least two"),
+    ({"fusion": "sum", "teachers": ["minilm"]}, r"fusion 'sum'.*needs at least two teachers"),
+    ({"fusion": "concat", "teachers": ["minilm", "smollm2"], "mode": "distill"}, r"fusion 'concat' with mode 'distill'"),
+    ({"fusion": "mean"}, r"config.fusion: expected one of"),
     ({"lr": "fast"}, r"config.lr: expected float, got str"),
     ({"optimiser": "adamw"}, r"unknown key\(s\) \['optimiser'\]"),
 ])

@@ -210,6 +210,27 @@ def test_distill_mode_with_two_teachers(store, tmp_path):
     assert row["weight/minilm"] == pytest.approx(0.5)
 
 
+def test_a_fused_student_trains_on_every_teachers_embeddings_and_evaluates_in_every_space(store, tmp_path):
+    """fusion concat, micro-batches of 8 (the gradient cache): the checkpoint is a fused student with its mix, scored
+    in each teacher space from both teachers' embeddings, and the criteria hold its cross-teacher shares."""
+    from cube_ray.evaluate import comparison, with_criteria
+    from cube_ray.teachers import load_registry
+    from tests.conftest import make_tiny_teacher
+
+    registry = {**load_registry(), "tiny-llama": make_tiny_teacher(tmp_path / "tiny", "llama")}
+    cfg = small(fusion="concat", teachers=["minilm", "tiny-llama"], epochs=1, max_micro_batch=8)
+    result = fit(cfg, store, tmp_path / "fused", registry=registry)
+    row = result.history[0]
+    assert {"minilm/mrr", "tiny-llama/mrr", "train/minilm/cosine", "train/tiny-llama/cosine"} <= set(row)
+    assert row["micro_batch"] == 8
+    loaded = load_for_eval(tmp_path / "fused" / "best_eval")
+    assert loaded.student.fused and loaded.student.concat_mix is not None
+    mrr = student_metrics(loaded.student, loaded.held_out)
+    assert mrr["minilm"]["mrr"] == pytest.approx(row["minilm/mrr"], abs=1e-6)  # eval is the picking split here
+    table = with_criteria(comparison(loaded.student, loaded.train, loaded.held_out), loaded)
+    assert {"reconstruction_cos", "cross_teacher_share/tiny-llama"} <= set(table["minilm"]["criteria"])
+
+
 def test_each_worker_gets_its_row_range_of_the_train_split_as_numpy_blocks(store):
     """The driver reads the train split once (Ray Data) and leaves worker k rows [k·N/W, (k+1)·N/W) in the object
     store as plain NumPy columns: what a worker loads is exactly the split's rows, embeddings included."""

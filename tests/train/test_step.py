@@ -62,6 +62,32 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(loss):
             torch.testing.assert_close(split[name], g, atol=1e-5, rtol=1e-4, msg=f"{loss}, micro {micro}: {name}")
 
 
+@pytest.mark.parametrize("fusion, mode", [("sum", "dialogue"), ("concat", "dual")])
+def test_a_fused_students_micro_batches_give_the_whole_batch_loss_and_gradients(fusion, mode):
+    """Fused tasks share one run of the cube per input (q, or q and a together): still one step however it is split."""
+    cfg = dataclasses.replace(config(LOSSES["mix"]), teachers=["t", "u"], fusion=fusion, mode=mode)
+    widths = {"t": WIDTH, "u": WIDTH + 8}
+    g = torch.Generator().manual_seed(2)
+    pairs = batch()
+    pairs.q["u"], pairs.a["u"] = torch.randn(16, WIDTH + 8, generator=g), torch.randn(16, WIDTH + 8, generator=g)
+
+    def fused_gradients(micro):
+        torch.manual_seed(0)
+        student = build_student(cfg, widths)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g.manual_seed(1)))
+        return gradients(cfg, micro, pairs, student=student)
+
+    assert [task.route for task in tasks(cfg, pairs)][:2] == [("fusion", "t"), ("fusion", "u")]
+    whole_loss, whole = fused_gradients(64)
+    assert "concat_mix.weight" in whole if fusion == "concat" else "concat_mix.weight" not in whole
+    split_loss, split = fused_gradients(4)
+    assert split_loss == pytest.approx(whole_loss, abs=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-5, rtol=1e-4, msg=f"{fusion}: {name}")
+
+
 def test_the_gradient_cache_replays_the_random_cell_updates():
     """update_prob 0.5: each micro-batch's second forward must draw the cell updates of its first, or the gradient
     belongs to another network than the loss. Reference: the same micro-batches forward with their graphs kept
