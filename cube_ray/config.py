@@ -209,6 +209,9 @@ class TrainConfig:
     batch_size: int = 64  # the effective global batch; workers may split it into micro-batches
     optimizer: typing.Literal["adamw", "sgd", "adafactor"] = "adamw"
     lr: float = 1e-3
+    # Linear layers with more inputs than this (the read-out from the lattice) take lr * lr_fan_in / fan-in: Adam's
+    # step moves a unit's output in proportion to its fan-in (cube_ray/train/optim.py). 0: one lr for every layer.
+    lr_fan_in: int = 256
     weight_decay: float = 0.01
     momentum: float = 0.9  # sgd only
     schedule: typing.Literal["none", "cosine", "plateau"] = "cosine"
@@ -254,6 +257,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
         if not 0 < self.lr < math.inf:  # NaN fails too
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_fan_in < 0:
+            raise ValueError(f"lr_fan_in must be >= 0 (0: one lr for every layer), got {self.lr_fan_in}")
         for name in ("weight_decay", "grad_clip", "momentum"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")

@@ -148,7 +148,7 @@ def setup_worker(config: dict) -> Worker:
     if snap is None and cfg.init_from:  # a resumed run continues its own weights, wherever they started
         init_from(student, cfg, Path(config["out"]), rank)
     model = _data_parallel(student) if world > 1 else student
-    optimizer = make_optimizer(cfg, student.parameters())
+    optimizer = make_optimizer(cfg, student)
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
     # the first stage's schedule; a resumed run loads its stage's below
     schedule = make_schedule(cfg, optimizer, steps_per_epoch, stage_plan(cfg)[0].epochs)
@@ -204,7 +204,7 @@ def begin_stage(w: Worker) -> None:
     run, cfg, state = w.run, w.run.cfg, w.run.state
     stage = stage_at(cfg, state.epoch)
     source = restore_best(run.student, run.out, run.rank, w.world)
-    w.optimizer = make_optimizer(cfg, run.student.parameters())
+    w.optimizer = make_optimizer(cfg, run.student)
     w.schedule = make_schedule(cfg, w.optimizer, w.steps_per_epoch, stage.epochs)
     state.epochs_without_improvement = state.epochs_without_entropy_drop = 0
     state.best_entropy = float("inf")
