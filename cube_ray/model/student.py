@@ -68,6 +68,11 @@ class Student(nn.Module):
                 self.concat_mix.weight.copy_(torch.eye(cube.channels).repeat(1, len(teachers)))
         initial = [weighting.weights[t] if weighting.mode == "fixed" else 1.0 for t in self.teachers]
         self.register_buffer("teacher_weights", torch.tensor(initial) / sum(initial))
+        # Each teacher's input scale (the RMS norm of its train embeddings, after centring; set by the training loop,
+        # saved in checkpoints): the adapters see x / scale and write predictions back at that scale, so every teacher
+        # enters the lattice at norm ~1. Teachers differ ~20x here (MiniLM's centred embeddings ~1, SmolLM2's ~22):
+        # unscaled, SmolLM2's field drowned MiniLM's in a fused lattice (held-out MiniLM MRR 0.71 against 0.75).
+        self.register_buffer("input_scale", torch.ones(len(self.teachers)))
         # The most steps the cube runs, in training and at inference alike: a curriculum lowers it while it warms
         # up, and a checkpoint keeps it, so a student is always evaluated with the steps it was trained with.
         self.register_buffer("step_cap", torch.tensor(cube.max_steps))
@@ -75,6 +80,15 @@ class Student(nn.Module):
     @property
     def fused(self) -> bool:
         return self.fusion != "none"
+
+    def set_input_scales(self, scales: dict[str, float]) -> None:
+        """Each teacher's input scale (see `input_scale`): the RMS norm of its (centred) train embeddings."""
+        if bad := {t: v for t, v in scales.items() if not v > 0}:
+            raise ValueError(f"input scales must be positive, got {bad}")
+        self.input_scale.copy_(torch.tensor([float(scales[t]) for t in self.teachers]))
+
+    def _to_lattice(self, x: torch.Tensor, teacher: str) -> torch.Tensor:
+        return self.adapters[teacher].to_lattice(x / self.input_scale[self.teachers.index(teacher)])
 
     def forward(self, x, teacher: str, *, timeout: float | None = None, keep_steps: bool = False,
                 all_steps: bool | None = None, max_steps: int | None = None, into: str | None = None):
@@ -96,7 +110,7 @@ class Student(nn.Module):
         into = into or teacher
         for name in (teacher, into):
             self._check(name)
-        pondered = self.core(self.adapters[teacher].to_lattice(x), self.adapters[into].read, **run)
+        pondered = self.core(self._to_lattice(x, teacher), self.adapters[into].read, **run)
         return self._read_out(pondered, into, x if into == teacher else None)
 
     def _fused(self, xs: dict[str, torch.Tensor], into: str | None, run: dict) -> dict[str, Pondered]:
@@ -108,7 +122,7 @@ class Student(nn.Module):
             raise ValueError("a fused run needs at least one teacher's embeddings")
         for name in xs:
             self._check(name)
-        lattices = {t: self.adapters[t].to_lattice(x) for t, x in xs.items()}
+        lattices = {t: self._to_lattice(x, t) for t, x in xs.items()}
         if self.fusion == "sum":
             lattice = sum(lattices.values())
         else:
@@ -126,8 +140,10 @@ class Student(nn.Module):
         """The run's read-out (and every step's) decoded into teacher `into`'s space; `own` is the input in that
         space, if the run had one: the residual and the linear bypass map a teacher's space onto itself, so a
         prediction into a space whose input was not given is the cube's alone."""
+        scale = self.input_scale[self.teachers.index(into)]
+
         def predict(field: torch.Tensor) -> torch.Tensor:
-            pred = self.adapters[into].decode(field)
+            pred = self.adapters[into].decode(field) * scale
             if own is None:
                 return pred
             if self.cfg.residual:

@@ -69,6 +69,19 @@ def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]
     return out
 
 
+def _input_scales(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, float]:
+    """Each teacher's RMS embedding norm over questions and answers of the (centred) train split, all workers' shards
+    together: the student's input scale (Student.input_scale)."""
+    out = {}
+    for t in cfg.teachers:
+        both = torch.cat([shard.q[t], shard.a[t]]).double()
+        stats = torch.tensor([both.square().sum().item(), len(both)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+        out[t] = math.sqrt(stats[0] / stats[1]) or 1.0  # all-zero embeddings (a test's): nothing to scale
+    return out
+
+
 def _peak_rss_mb(world: int) -> list[float]:
     """Every worker's peak RSS so far (MiB), in rank order."""
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
@@ -142,6 +155,7 @@ def setup_worker(config: dict) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     student = build_student(cfg, widths)
+    student.set_input_scales(_input_scales(cfg, shard, world))  # a resumed run loads its own below
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
     # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
     snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))

@@ -57,6 +57,7 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     state = {k[len("student."):]: v for k, v in ck.weights.items() if k.startswith("student.")}
     if ck.format == 1:
         state.setdefault("step_cap", student.step_cap)  # format 1 evaluated every step, whatever it trained with
+    state.setdefault("input_scale", student.input_scale)  # students saved before input scales saw raw inputs
     try:
         student.load_state_dict(state)
     except RuntimeError as e:

@@ -282,3 +282,23 @@ def test_a_fused_student_costs_one_run_of_the_cube_for_every_teacher():
     student = _fused("sum")
     fused, alone = student.cost(FUSION)["flops_per_sample"], {t: student.cost(t)["flops_per_sample"] for t in TEACHERS}
     assert max(alone.values()) < fused < sum(alone.values())
+
+
+@pytest.mark.parametrize("fusion", ["none", "sum"])
+def test_input_scales_put_every_teacher_on_one_scale(fusion):
+    """With input scale s_t the student is the unscaled student on x_t / s_t, its predictions scaled back by s_t: the
+    adapters see every teacher at norm ~1 (in every space a fused run reads out into, too)."""
+    scaled, plain = _fused(fusion, residual=False), _fused(fusion, residual=False)
+    scaled.set_input_scales({"minilm": 0.5, "smollm2": 20.0})
+    xs = {t: torch.randn(3, w) for t, w in TEACHERS.items()}
+    for t in TEACHERS:
+        s = {"minilm": 0.5, "smollm2": 20.0}[t]
+        if fusion == "none":
+            got, want = scaled(xs[t], t).output, s * plain(xs[t] / s, t).output
+        else:
+            got = scaled(xs, FUSION)[t].output
+            want = s * plain({u: x / {"minilm": 0.5, "smollm2": 20.0}[u] for u, x in xs.items()}, FUSION)[t].output
+        torch.testing.assert_close(got, want)
+    assert torch.equal(scaled.state_dict()["input_scale"], torch.tensor([0.5, 20.0]))  # saved with the weights
+    with pytest.raises(ValueError, match="input scales must be positive"):
+        scaled.set_input_scales({"minilm": 0.0, "smollm2": 1.0})

@@ -225,6 +225,9 @@ def test_a_fused_student_trains_on_every_teachers_embeddings_and_evaluates_in_ev
     assert row["micro_batch"] == 8
     loaded = load_for_eval(tmp_path / "fused" / "best_eval")
     assert loaded.student.fused and loaded.student.concat_mix is not None
+    # each teacher's input scale: the RMS norm of its centred train embeddings (here the train split is the shard)
+    rms = [torch.cat([loaded.train.q[t], loaded.train.a[t]]).square().sum(1).mean().sqrt().item() for t in cfg.teachers]
+    assert loaded.student.input_scale.tolist() == pytest.approx(rms, rel=1e-4)
     mrr = student_metrics(loaded.student, loaded.held_out)
     assert mrr["minilm"]["mrr"] == pytest.approx(row["minilm/mrr"], abs=1e-6)  # eval is the picking split here
     table = with_criteria(comparison(loaded.student, loaded.train, loaded.held_out), loaded)
