@@ -55,31 +55,22 @@ log = logging.getLogger("cube_ray.train")
 PROBE_SIZE = 8
 
 
-def _centres(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, Centering]:
-    """Each teacher's train mean over questions and answers, summed over all workers' shards."""
-    if not cfg.center:
-        return {}
-    out = {}
+def _train_statistics(cfg: TrainConfig, shard: Pairs, world: int) -> tuple[dict[str, Centering], dict[str, float]]:
+    """Each teacher's train mean (when centring) and RMS embedding norm after it (the student's input scale,
+    Student.input_scale), over questions and answers of all workers' shards together: one pass, one all-reduce."""
+    centres, scales = {}, {}
     for t in cfg.teachers:
         both = torch.cat([shard.q[t], shard.a[t]]).double()
-        stats = torch.cat([both.sum(0), torch.tensor([len(both)], dtype=torch.float64)])
+        stats = torch.cat([both.sum(0), both.square().sum().view(1), torch.tensor([len(both)], dtype=torch.float64)])
         if world > 1:
             dist.all_reduce(stats)
-        out[t] = Centering((stats[:-1] / stats[-1]).numpy())
-    return out
-
-
-def _input_scales(cfg: TrainConfig, shard: Pairs, world: int) -> dict[str, float]:
-    """Each teacher's RMS embedding norm over questions and answers of the (centred) train split, all workers' shards
-    together: the student's input scale (Student.input_scale)."""
-    out = {}
-    for t in cfg.teachers:
-        both = torch.cat([shard.q[t], shard.a[t]]).double()
-        stats = torch.tensor([both.square().sum().item(), len(both)], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(stats)
-        out[t] = math.sqrt(stats[0] / stats[1]) or 1.0  # all-zero embeddings (a test's): nothing to scale
-    return out
+        n = stats[-1]
+        mean = stats[:-2] / n if cfg.center else torch.zeros_like(stats[:-2])
+        if cfg.center:
+            centres[t] = Centering(mean.numpy())
+        # E|x - mean|^2 = E|x|^2 - |mean|^2; all-zero embeddings (a test's) have nothing to scale
+        scales[t] = math.sqrt(max(float(stats[-2] / n - mean.square().sum()), 0.0)) or 1.0
+    return centres, scales
 
 
 def _peak_rss_mb(world: int) -> list[float]:
@@ -147,7 +138,7 @@ def setup_worker(config: dict) -> Worker:
     torch.set_num_threads(cfg.cpus_per_worker)
     store = EmbeddingStore(config["store"])
     shard = load_shard(ray.get(config["shards"][rank]), cfg.teachers)
-    centres = _centres(cfg, shard, world)
+    centres, input_scales = _train_statistics(cfg, shard, world)
     shard = shard.centred(centres)
     eval_pairs = load_split(store, config["dataset_id"], selection_split(config["data_ref"]["splits"]), specs).centred(centres)
     widths = {t: shard.q[t].shape[1] for t in cfg.teachers}
@@ -155,7 +146,7 @@ def setup_worker(config: dict) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     student = build_student(cfg, widths)
-    student.set_input_scales(_input_scales(cfg, shard, world))  # a resumed run loads its own below
+    student.set_input_scales(input_scales)  # a resumed run loads its own below
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
     # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
     snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))
