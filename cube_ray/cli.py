@@ -6,7 +6,7 @@ import logging
 import math
 import os
 
-from cube_ray.config import MAX_SEED, DataConfig
+from cube_ray.config import MAX_SEED, DataConfig, check_gpu_count
 from cube_ray.fsutil import cache_dir
 
 
@@ -65,9 +65,26 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "models (early stopping, best checkpoint, the search), so the eval split is used only for the "
                         "final report (default: 0: models are picked on eval)")
     p.add_argument("--teacher-config", help="a YAML file of extra teacher specs (name -> fields, as in teachers/builtin.yaml)")
+    add_gpus_per_actor(p)
     p.add_argument("--store", default=default_store(), help="embedding store folder (default: %(default)s; env CUBE_RAY_STORE)")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: a local one)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for the document split (and everything else downstream)")
+
+
+def gpu_count(text: str) -> float:
+    """An argparse `type`: 0, a fraction of one GPU, or a whole number of GPUs (what Ray can place)."""
+    value = float_at_least(0.0)(text)
+    try:
+        check_gpu_count(value, "the value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_gpus_per_actor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus-per-actor", type=gpu_count, default=None,
+                   help="GPUs of each extraction actor, for every teacher (fractions share a GPU; 0: all on CPU; "
+                        "default: each teacher spec's gpus:, e.g. 1 for llama3-8b and mistral-7b, 0 for the rest)")
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

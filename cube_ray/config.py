@@ -20,6 +20,13 @@ T = TypeVar("T")
 MAX_SEED = 2**32 - 1  # seeds are mixed with epochs and ranks into 64-bit generator seeds: larger ones overflow
 
 
+def check_gpu_count(value: float, field: str) -> None:
+    """Ray takes a fraction of one GPU, or whole GPUs: 0.5 and 2 are requests, 1.5 is not."""
+    if not value >= 0 or (value > 1 and value != int(value)):
+        raise ValueError(f"{field} must be 0 (CPU), a fraction of one GPU (e.g. 0.5) or a whole number of GPUs, "
+                         f"got {value:g}")
+
+
 class ConfigError(ValueError):
     """A config file or dict does not match its dataclass."""
 

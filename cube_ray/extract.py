@@ -1,13 +1,15 @@
 """Teacher-embedding extraction: unique texts -> Ray Data actor pool per teacher -> Parquet embedding store.
 
     python -m cube_ray.extract [--pairs FILE] [--eval-pairs FILE] [--teachers minilm,smollm2] [--store DIR]
-                               [--limit N] [--concurrency K] [--seed S]
+                               [--limit N] [--concurrency K] [--gpus-per-actor G] [--seed S]
 
 Each teacher gets its own actor pool: a model is loaded once per actor, and each actor embeds whole shards
 (SHARD_SIZE texts, in mini-batches) and writes each shard's Parquet file itself, atomically. The unit of work is
 therefore also the unit of resume: an interrupted run leaves complete shards, and the next run embeds only the
 missing ones. The entry's `entry.json` is written when every shard exists; with it present, a run does no model
-work at all.
+work at all. A teacher whose spec asks for GPUs (`gpus:`, or --gpus-per-actor for all) gets actors that request that
+share of a GPU and run the model there (bfloat16 unless its dtype says otherwise), so on a mixed cluster they land
+on GPU nodes while CPU teachers' actors stay on CPU nodes (Ray keeps CPU-only work off GPU nodes when it can).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class ShardEmbedder:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         self.entry, self.batch_size, self.known, self.load_error = entry, batch_size, known, None
+        self.node = ray.get_runtime_context().get_node_id()  # where it ran: the driver reports the nodes
         try:
             self.teacher = Teacher(spec, threads=max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS; torch needs telling too
         except (ConfigError, TeacherError) as e:  # a bad spec: the driver raises it as such (a dead actor would not)
@@ -59,10 +62,12 @@ class ShardEmbedder:
         return emb, len(todo)
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": [], "load_error": []}
+        out: dict[str, list] = {"shard": [], "texts": [], "seconds": [], "width": [], "error": [], "load_error": [],
+                                "node": []}
         for shard, texts, ids in zip(batch["shard"], batch["texts"], batch["ids"]):
             if self.load_error is not None:  # no text embedded; the driver raises the error's own type
-                for key, value in zip(out, (int(shard), 0, 0.0, 0, str(self.load_error), type(self.load_error).__name__)):
+                for key, value in zip(out, (int(shard), 0, 0.0, 0, str(self.load_error), type(self.load_error).__name__,
+                                            self.node)):
                     out[key].append(value)
                 continue
             start = time.perf_counter()
@@ -76,7 +81,8 @@ class ShardEmbedder:
                 error = str(e)
             except OSError as e:  # a full disk, a read-only store: the shard is absent, the written ones are kept
                 error = f"cannot write {self.entry.shard_path(int(shard))}: {e}"
-            for key, value in zip(out, (int(shard), embedded, time.perf_counter() - start, self.teacher.width, error, "")):
+            for key, value in zip(out, (int(shard), embedded, time.perf_counter() - start, self.teacher.width, error, "",
+                                        self.node)):
                 out[key].append(value)
         return {k: np.array(v) for k, v in out.items()}
 
@@ -92,6 +98,7 @@ class ExtractResult:
     warm_seconds: float = 0.0  # until the first shard came back: actor start, model load, first shard
     warm_texts: int = 0
     reused: int = 0  # texts copied from earlier entries of the same teacher instead of embedded
+    nodes: tuple[str, ...] = ()  # the Ray node ids its actors ran on
 
     @property
     def steady_texts_per_s(self) -> float:
@@ -104,13 +111,18 @@ class ExtractResult:
         return self.embedded / self.seconds if self.embedded and self.seconds else float("nan")
 
 
-def _pool_shape(concurrency: int | None) -> tuple[int, float]:
-    """(actors, CPUs per actor). By default one actor per 2 CPUs, so each actor's torch uses 2 threads."""
+def _pool_shape(spec: TeacherSpec, concurrency: int | None) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor). On CPU, by default one actor per 2 CPUs, so each actor's torch uses
+    2 threads; a GPU teacher's actor takes 1 CPU (tokenising) and its `gpus`, as many actors as the GPUs hold."""
     import ray
 
+    if spec.on_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return concurrency or max(1, int(gpus // spec.gpus)), 1, spec.gpus
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     actors = concurrency or max(1, cpus // 2)
-    return actors, max(1, cpus // actors)
+    largest = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus])
+    return actors, max(1, min(cpus // actors, largest)), 0  # an actor fits on one node
 
 
 def extract_teacher(texts: list[str], spec: TeacherSpec, store: EmbeddingStore, concurrency: int | None = None,
@@ -150,15 +162,20 @@ def _extract_entry(ordered: list[str], spec: TeacherSpec, store: EmbeddingStore,
         entry.finish(pq.read_schema(entry.shard_path(0)).field("embedding").type.list_size, 0.0)
         return ExtractResult(spec.name, entry, False, len(ordered), 0, 0.0, reused=reused)
     known = known.subset([tid for item in items for tid in item["ids"]])  # the actors need only their shards' texts
-    actors, cpus = _pool_shape(concurrency)
+    actors, cpus, gpus = _pool_shape(spec, concurrency)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": batch_size, "known": known},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus)
-    done, embedded, width, errors, warm = 0, 0, None, [], (0.0, 0)
+        ShardEmbedder, fn_constructor_kwargs={"spec": spec, "entry": entry, "batch_size": spec.batch_size or batch_size,
+                                              "known": known},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus, num_gpus=gpus,
+        # Ray Data spreads actors over every node by default, GPU nodes included; Ray's default policy keeps work
+        # that asks for no GPU off GPU nodes while others have room (a GPU teacher's actors spread over GPU nodes)
+        **({} if gpus else {"scheduling_strategy": "DEFAULT"}))
+    done, embedded, width, errors, warm, nodes = 0, 0, None, [], (0.0, 0), set()
     for row in ds.iter_rows():
         if row["load_error"]:  # the teacher could not load: no text was embedded
             raise {"ConfigError": ConfigError, "TeacherError": TeacherError}[str(row["load_error"])](str(row["error"]))
         done += 1
+        nodes.add(str(row["node"]))
         if row["error"]:
             errors.append(str(row["error"]))
             continue
@@ -176,7 +193,8 @@ def _extract_entry(ordered: list[str], spec: TeacherSpec, store: EmbeddingStore,
     if entry.missing_shards():  # only possible if files vanished underneath us
         raise EmbeddingError(f"{entry.dir}: shards {entry.missing_shards()[:5]} are missing after extraction")
     entry.finish(width or spec.width or 0, seconds)
-    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm, reused=reused)
+    return ExtractResult(spec.name, entry, False, len(ordered), embedded, seconds, *warm, reused=reused,
+                         nodes=tuple(sorted(nodes)))
 
 
 def known_embeddings(store: EmbeddingStore, entry: Entry, wanted: set[str]) -> Embeddings:
@@ -209,11 +227,19 @@ def write_known_shards(entry: Entry, items: list[dict], known: Embeddings) -> li
 
 def extract_all(texts: list[str], specs: list[TeacherSpec], store: EmbeddingStore, address: str | None = None,
                 concurrency: int | None = None, batch_size: int = 32) -> list[ExtractResult]:
-    """Embed `texts` with every teacher; Ray is started (or joined) only if some entry is incomplete."""
+    """Embed `texts` with every teacher; Ray is started (or joined) only if some entry is incomplete, and a teacher
+    that asks for GPUs no node can give is refused before any teacher loads."""
     from cube_ray.cli import init_ray
+    from cube_ray.resources import require_gpus
 
-    if not all(store.entry(spec, shard_order(texts)).complete for spec in specs):
+    todo = [spec for spec in specs if not store.entry(spec, shard_order(texts)).complete]
+    if todo:
         init_ray(address)
+    for spec in todo:
+        if spec.on_gpu:
+            require_gpus(spec.gpus, f"teacher {spec.name!r} (gpus: {spec.gpus:g})", "extraction actor",
+                         "Run it on a cluster with GPU nodes, or embed on CPU: gpus: 0 in its --teacher-config "
+                         "entry, or --gpus-per-actor 0 for every teacher")
     return [extract_teacher(texts, spec, store, concurrency, batch_size) for spec in specs]
 
 
@@ -226,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     add_data_args(p)
     p.add_argument("--teachers", default="minilm,smollm2", help="comma-separated teacher names (default: %(default)s)")
     p.add_argument("--concurrency", type=positive_int, default=None, help="actors per teacher pool (default: one per 2 CPUs)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per teacher forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per teacher forward pass (a teacher's batch_size: wins)")
     args = p.parse_args(argv)
     setup_logging()
-    registry = load_registry(args.teacher_config)
+    registry = load_registry(args.teacher_config, args.gpus_per_actor)
     names = [name.strip() for name in args.teachers.split(",") if name.strip()]
     if not names:
         p.error(f"argument --teachers: expected comma-separated teacher names, got {args.teachers!r}")
@@ -241,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<6} {split['rows']:>7} pairs  {split['documents']:>5} documents  sha256 {split['sha256'][:12]}")
     print(f"  {len(texts)} unique texts")
     results = extract_all(texts, specs, EmbeddingStore(args.store), args.address, args.concurrency, args.batch_size)
-    print(f"\n{'teacher':<10} {'width':>5} {'texts':>7} {'status':<22} {'seconds':>8} {'texts/s':>8}  entry")
-    for r in results:
+    print(f"\n{'teacher':<10} {'width':>5} {'texts':>7} {'device':<6} {'status':<22} {'seconds':>8} {'texts/s':>8}  entry")
+    for r, spec in zip(results, specs):
         status = "cached" if r.cached else f"extracted ({r.reused} reused)" if r.reused else "extracted"
         rate = f"{r.texts_per_s:>8.1f}" if r.embedded else f"{'-':>8}"
-        print(f"{r.teacher:<10} {r.entry.info['width']:>5} {r.texts:>7} {status:<22} {r.seconds:>8.1f} {rate}  {r.entry.dir}")
+        device = "cuda" if spec.on_gpu else "cpu"
+        print(f"{r.teacher:<10} {r.entry.info['width']:>5} {r.texts:>7} {device:<6} {status:<22} {r.seconds:>8.1f} {rate}  "
+              f"{r.entry.dir}")
     return 0
 
 

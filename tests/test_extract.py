@@ -147,4 +147,4 @@ def test_cli_prints_summary(tmp_path, ray_local, capsys):
     assert main(["--pairs", str(pairs), "--teachers", "minilm", "--store", str(tmp_path / "s"), "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "80 unique texts" in out
-    assert "minilm       384      80 extracted" in out
+    assert "minilm       384      80 cpu    extracted" in out

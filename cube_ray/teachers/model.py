@@ -43,7 +43,7 @@ def _load_gguf(spec: TeacherSpec, folder: Path, dtype: torch.dtype):
     if not gguf.exists():
         raise TeacherError(f"teacher {spec.name!r}: GGUF file {gguf} does not exist")
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{spec.dtype}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{spec.torch_dtype}".encode()).hexdigest()[:12]
     converted = cache_dir() / "teachers" / f"{gguf.stem}-{key}"  # shared by specs that differ only after loading
     if (converted / "config.json").exists():
         return AutoTokenizer.from_pretrained(converted), AutoModel.from_pretrained(converted, dtype=dtype)
@@ -92,6 +92,20 @@ def check_max_length(spec: TeacherSpec, config, tokenizer) -> None:
                           f"tokens ({what}); set `max_length:` to at most {limit}")
 
 
+def teacher_device(spec: TeacherSpec) -> torch.device:
+    """Where `spec`'s model runs: the GPU Ray gave this process (CUDA_VISIBLE_DEVICES holds only its own, so it is
+    cuda:0) when the spec asks for GPUs, else the CPU. A GPU spec where torch sees none is refused before loading."""
+    if not spec.on_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise TeacherError(f"teacher {spec.name!r} runs on a GPU (gpus: {spec.gpus:g}), but torch {torch.__version__} "
+                           f"sees none here (CUDA_VISIBLE_DEVICES={visible!r}, torch.cuda.is_available() is False"
+                           f"{'' if torch.version.cuda else ': a CPU build of torch'}); install a CUDA build of torch "
+                           f"on the GPU nodes, or set gpus: 0 (--gpus-per-actor 0) to embed on CPU")
+    return torch.device("cuda", 0)
+
+
 class Teacher:
     """`Teacher(spec).embed(texts)` -> (len(texts), width) float32 array."""
 
@@ -101,13 +115,17 @@ class Teacher:
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
-        dtype = getattr(torch, spec.dtype)
+        self.device = teacher_device(spec)
+        dtype = getattr(torch, spec.torch_dtype)
         source = spec.resolve()
         if spec.gguf_file:
             self.tokenizer, self.model = _load_gguf(spec, Path(source), dtype)
+            self.model.to(self.device)
         else:
             self.tokenizer = _from_pretrained(AutoTokenizer, spec, source)
-            self.model = _from_pretrained(AutoModel, spec, source, dtype=dtype)
+            # device_map: the weights load straight onto the GPU (an 8B model never passes through host memory whole)
+            self.model = _from_pretrained(AutoModel, spec, source, dtype=dtype,
+                                          **({"device_map": {"": self.device}} if self.device.type == "cuda" else {}))
         self.model.eval()
         check_max_length(spec, self.model.config, self.tokenizer)
         if spec.int8:  # weights int8, activations quantised on the fly: faster Linear layers on CPU
@@ -124,9 +142,10 @@ class Teacher:
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                                  max_length=self.spec.max_length, return_tensors="pt")
-            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            vec = pool(hidden.float(), enc["attention_mask"], self.spec.pooling)
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            vec = pool(hidden.float(), mask, self.spec.pooling)
             if self.spec.normalize:
                 vec = torch.nn.functional.normalize(vec, dim=-1)
-            out.append(vec.numpy())
+            out.append(vec.cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.width), np.float32)

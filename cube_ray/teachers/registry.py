@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 
-from cube_ray.config import ConfigError, from_dict
+from cube_ray.config import ConfigError, check_gpu_count, from_dict
 from cube_ray.fsutil import atomic_write_text, cache_dir
 
 BUILTIN = Path(__file__).parent / "builtin.yaml"
@@ -35,7 +35,12 @@ class TeacherSpec:
     pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: int = 256
     width: int | None = None  # expected hidden size; checked when the model loads
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "auto": bfloat16 on a GPU, float32 on CPU (a bf16 model on CPU is slow and its embeddings no better)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # GPUs each extraction actor requests (fractions share one GPU between actors); above 0 the model runs there
+    gpus: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when `gpus` > 0, else cpu
+    batch_size: int | None = None  # texts per forward pass (None: the extraction's --batch-size)
     gguf_file: str | None = None  # a GGUF file inside the source folder
     normalize: bool = False  # L2-normalise the pooled vector
     int8: bool = False  # dynamic int8 quantisation of the Linear layers (CPU extraction speed)
@@ -47,11 +52,32 @@ class TeacherSpec:
     def validate(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        check_gpu_count(self.gpus, "gpus (GPUs per extraction actor)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (texts per forward pass), got {self.batch_size}")
+        if (self.device == "cuda") != (self.gpus > 0) and self.device != "auto":
+            raise ValueError(f"device {self.device!r} with gpus {self.gpus:g}: Ray gives an actor a GPU only when it "
+                             f"asks for one, so device 'cuda' needs gpus > 0 and device 'cpu' needs gpus 0")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus > 0  # validate() holds device to it
+
+    @property
+    def torch_dtype(self) -> str:
+        """The dtype the model runs in: `dtype`, with "auto" made bfloat16 on a GPU and float32 on CPU."""
+        return self.dtype if self.dtype != "auto" else "bfloat16" if self.on_gpu else "float32"
 
     def fingerprint(self) -> str:
-        """Everything that changes the embeddings a teacher produces (its name does not), the model files included."""
+        """Everything that changes the embeddings a teacher produces (its name does not), the model files included:
+        the dtype it runs in, and the device when it is a GPU (another matmul); not how many GPUs or texts a forward
+        pass gets. A CPU float32 spec hashes as specs did before GPUs were possible, so their stores stay valid."""
         fields = dataclasses.asdict(self.pin())
-        fields.pop("name")
+        for name in ("name", "gpus", "device", "batch_size"):
+            fields.pop(name)
+        fields["dtype"] = self.torch_dtype
+        if self.on_gpu:
+            fields["device"] = "cuda"
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def pin(self) -> TeacherSpec:
@@ -166,8 +192,9 @@ def file_sha256(paths: list[Path]) -> list[str]:
     return out
 
 
-def load_registry(extra: str | Path | None = None) -> dict[str, TeacherSpec]:
-    """Built-in teachers, updated with those in `extra` (a YAML mapping name -> spec fields)."""
+def load_registry(extra: str | Path | None = None, gpus_per_actor: float | None = None) -> dict[str, TeacherSpec]:
+    """Built-in teachers, updated with those in `extra` (a YAML mapping name -> spec fields); `gpus_per_actor`
+    (--gpus-per-actor) sets every teacher's `gpus` (0: all on CPU)."""
     registry: dict[str, TeacherSpec] = {}
     for path in [BUILTIN] + ([Path(extra)] if extra else []):
         try:
@@ -182,6 +209,8 @@ def load_registry(extra: str | Path | None = None) -> dict[str, TeacherSpec]:
             if "model_version" in fields:
                 raise ConfigError(f"{path}: teacher {name!r}: model_version is read from the model files, not set")
             registry[name] = from_dict(TeacherSpec, {"name": name, **fields}, where=f"{path}: teacher {name!r}")
+    if gpus_per_actor is not None:
+        registry = {name: dataclasses.replace(spec, gpus=gpus_per_actor, device="auto") for name, spec in registry.items()}
     return registry
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_uncached_hub_model_offline_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(TeacherError, match=r"teacher 'mistral-7b': model 'mistralai/Mistral-7B-v0.1' is not available: "
                                            r"HF_HUB_OFFLINE=1 .*hf download mistralai/Mistral-7B-v0.1"):
-        Teacher(get_teacher("mistral-7b"))
+        Teacher(load_registry(gpus_per_actor=0)["mistral-7b"])  # on CPU: its built-in spec asks for a GPU
 
 
 def test_user_teachers_from_yaml(tmp_path):
@@ -116,6 +117,54 @@ def test_fingerprint_tracks_what_changes_embeddings():
     b = TeacherSpec(**{**a.__dict__, "name": "renamed"})
     c = TeacherSpec(**{**a.__dict__, "max_length": 128})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_a_cpu_float32_spec_keeps_the_fingerprint_it_had_before_gpu_fields():
+    """Stores made before `gpus`, `device` and `batch_size` existed (dtype float32 then) stay valid: this value is
+    the fingerprint the code before them computed for this spec."""
+    spec = TeacherSpec(name="x", family="bert", source="/nowhere", width=384, normalize=True,
+                       model_version="sha256:0123456789abcdef")
+    assert spec.fingerprint() == "b18b133a734625b1"
+    assert dataclasses.replace(spec, dtype="float32", batch_size=8).fingerprint() == "b18b133a734625b1"
+
+
+def test_a_gpu_spec_runs_in_bfloat16_and_gets_its_own_fingerprint():
+    cpu = TeacherSpec(name="x", family="llama", source="/nowhere", model_version="sha256:0123456789abcdef")
+    gpu = dataclasses.replace(cpu, gpus=0.5)
+    assert (cpu.on_gpu, cpu.torch_dtype) == (False, "float32")
+    assert (gpu.on_gpu, gpu.torch_dtype) == (True, "bfloat16")
+    assert dataclasses.replace(gpu, dtype="float16").torch_dtype == "float16"
+    # another device or dtype embeds differently: its own store entry; how many GPUs an actor gets does not
+    assert len({cpu.fingerprint(), gpu.fingerprint(), dataclasses.replace(gpu, dtype="float32").fingerprint()}) == 3
+    assert dataclasses.replace(gpu, gpus=2).fingerprint() == gpu.fingerprint()
+
+
+def test_gpus_per_actor_sets_every_teachers_gpus():
+    builtin = load_registry()
+    assert builtin["llama3-8b"].gpus == builtin["mistral-7b"].gpus == 1 and builtin["minilm"].gpus == 0
+    on_cpu, shared = load_registry(gpus_per_actor=0), load_registry(gpus_per_actor=0.25)
+    assert not any(spec.on_gpu for spec in on_cpu.values())
+    assert all(spec.gpus == 0.25 and spec.torch_dtype in ("bfloat16", "float16") for spec in shared.values())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ("gpus: 1.5", r"gpus \(GPUs per extraction actor\) must be 0 \(CPU\), a fraction of one GPU .* got 1.5"),
+    ("device: cuda", r"device 'cuda' with gpus 0: .* device 'cuda' needs gpus > 0"),
+    ("batch_size: 0", r"batch_size must be >= 1"),
+])
+def test_a_bad_gpu_field_names_the_file_and_the_teacher(tmp_path, fields, message):
+    cfg = tmp_path / "teachers.yaml"
+    cfg.write_text(f"mine:\n  family: llama\n  source: /nowhere\n  {fields}\n")
+    with pytest.raises(ConfigError, match=rf"teachers.yaml: teacher 'mine': {message}"):
+        load_registry(cfg)
+
+
+def test_a_gpu_teacher_where_torch_sees_no_gpu_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also true on a GPU machine's CPU-only torch
+    spec = TeacherSpec(name="big", family="llama", source=str(tmp_path / "not-even-there"), gpus=1)
+    with pytest.raises(TeacherError, match=r"teacher 'big' runs on a GPU \(gpus: 1\), but torch .* sees none here "
+                                           r".* or set gpus: 0 \(--gpus-per-actor 0\) to embed on CPU"):
+        Teacher(spec)  # the device is checked first: the missing folder is never looked at
 
 
 @pytest.mark.parametrize("source", ["package:evilpkg", "package:evilpkg.model"])
