@@ -157,7 +157,7 @@ def _read_folder(fd: int, folder: Path, path: Path, with_state: bool) -> Checkpo
     state = None
     if with_state and "state.pt" in files:
         try:  # tensors and plain values only: a crafted state.pt cannot run code here
-            state = torch.load(io.BytesIO(data["state.pt"]), weights_only=True)
+            state = torch.load(io.BytesIO(data["state.pt"]), weights_only=True, map_location="cpu")  # a GPU run's too
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{folder / 'state.pt'}: refused, it holds more than tensors and plain values (a "
                                   f"checkpoint never runs code; {str(e).splitlines()[0]})") from None

@@ -225,6 +225,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     workers: int = 1
     cpus_per_worker: int = 1
+    use_gpu: bool = False  # each Ray Train worker on a GPU (ScalingConfig(use_gpu=True)), the student and batches there
+    gpus_per_worker: float = 1.0  # with use_gpu: a fraction lets several trials' workers share one GPU
+    amp: typing.Literal["none", "bf16"] = "none"  # bf16 autocast of the forward passes (on a GPU; CPU runs it slowly)
     eval_metric: typing.Literal["mrr", "r1", "r5", "cos"] = "mrr"
     patience: int = 0  # early stopping: epochs without eval improvement; 0 = off
     min_delta: float = 1e-4  # early stopping: a smaller eval gain does not count as improvement
@@ -271,6 +274,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
             raise ValueError(f"memory_budget_mb must be at least 1 (or unset: measured), got {self.memory_budget_mb}")
+        check_gpu_count(self.gpus_per_worker, "gpus_per_worker")
+        if self.use_gpu and not self.gpus_per_worker:
+            raise ValueError("use_gpu needs gpus_per_worker > 0 (a fraction shares a GPU)")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.loss.curriculum and self.loss.curriculum_warmup >= self.epochs:
@@ -295,6 +301,9 @@ class SearchConfig:
     # CPUs of each worker: on 2 cores two 1-CPU trials at once train ~1.6x the samples/s of one 2-CPU trial (the
     # default cube: 102 samples/s on 1 CPU, 129 on 2) and overlap one trial's start-up with the other's training.
     cpus_per_worker: int = 1
+    use_gpu: bool = False  # every trial's Ray Train workers on GPUs
+    gpus_per_worker: float = 1.0  # with use_gpu: each worker's share of a GPU (0.25: four trials per GPU)
+    gpus_per_actor: float | None = None  # every teacher's extraction actors' GPUs (None: each teacher spec's `gpus`)
     # ASHA, in training samples (its time attribute is `samples_seen`); None: the space file's `scheduler` settings
     grace_samples: int | None = None  # samples every trial trains before it can be stopped
     reduction_factor: int | None = None  # keep the best 1/reduction_factor at each rung
@@ -328,6 +337,9 @@ class SearchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        check_gpu_count(self.gpus_per_worker, "gpus_per_worker")
+        if self.gpus_per_actor is not None:
+            check_gpu_count(self.gpus_per_actor, "gpus_per_actor")
         if self.reduction_factor is not None and self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):

@@ -47,7 +47,7 @@ def torch_path() -> Iterator[None]:
 
 def _fused_path(rule: "Rule", state: torch.Tensor) -> bool:
     """Whether this rule steps `state` in the fused kernel (building or loading it on first use)."""
-    if _TORCH_ONLY or not state.is_cpu or state.dtype != torch.float32:
+    if _TORCH_ONLY or not state.is_cpu or state.dtype != torch.float32 or autocasting(state):
         return False
     c = rule.neighbours.shape[0]
     return kernel(c, c * (rule.attend is not None) + c * rule.skip_input, rule.w1.out_features) is not None
@@ -80,11 +80,18 @@ class _Depthwise3d(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast (TrainConfig.amp) is on for x's device: then the plain ops run, which autocast casts, and not
+    the float32 Functions below, whose hand-written backward would meet bfloat16 gradients and float32 weights."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def depthwise3d(state: torch.Tensor, dims: list[int], weight: torch.Tensor) -> torch.Tensor:
     """(B, cells, C) -> (B, cells, C): each channel convolved with its own 3x3x3 kernel, weight (C, 1, 3, 3, 3)."""
     b, n, c = state.shape
     volume = state.view(b, *dims, c).permute(0, 4, 1, 2, 3)  # a channels-last view, no copy
-    return _Depthwise3d.apply(volume, weight).permute(0, 2, 3, 4, 1).reshape(b, n, c)
+    out = F.conv3d(volume, weight, padding=1, groups=c) if autocasting(state) else _Depthwise3d.apply(volume, weight)
+    return out.permute(0, 2, 3, 4, 1).reshape(b, n, c)
 
 
 def update_mask(batch: int, cells: int, p: float, device: torch.device) -> torch.Tensor:
@@ -192,6 +199,8 @@ class Rule(nn.Module):
         if self.skip_input:
             features.append(u)
         x = torch.cat(features, dim=-1).view(b * n, -1)
+        if autocasting(x):
+            return self.w2(F.relu(self.w1(x))).view(b, n, c)
         return _CellMLP.apply(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias).view(b, n, c)
 
     def fused_step(self, state: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None, bound: float) -> torch.Tensor:

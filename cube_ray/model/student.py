@@ -157,8 +157,10 @@ class Student(nn.Module):
     def predict(self, x, teacher: str, *, into: str | None = None, chunk: int = 512):
         """Inference: predictions by the halting gate (in chunks of `chunk` samples, in teacher `into`'s space if
         given), and the mean number of steps the samples ran. Teacher FUSION (x: {teacher: (N, width)}): the
-        predictions are {teacher: (N, width)}, in every teacher's space."""
+        predictions are {teacher: (N, width)}, in every teacher's space. Each chunk runs on the student's device
+        (a GPU worker's) and its predictions come back to the CPU, where scoring and the callers' inputs are."""
         self.eval()
+        device = self.input_scale.device
         fused = teacher == FUSION
         if fused and not x:
             raise ValueError("a fused run needs at least one teacher's embeddings")
@@ -166,12 +168,12 @@ class Student(nn.Module):
         preds, steps = [], []
         for i in range(0, n, chunk):
             if fused:
-                outs = self({t: v[i:i + chunk] for t, v in x.items()}, FUSION)
-                preds.append({t: o.output for t, o in outs.items()})
+                outs = self({t: v[i:i + chunk].to(device) for t, v in x.items()}, FUSION)
+                preds.append({t: o.output.cpu() for t, o in outs.items()})
                 steps.append(outs[self.teachers[0]].steps_run.float())
             else:
-                out = self(x[i:i + chunk], teacher, into=into)
-                preds.append(out.output)
+                out = self(x[i:i + chunk].to(device), teacher, into=into)
+                preds.append(out.output.cpu())
                 steps.append(out.steps_run.float())
         mean_steps = torch.cat(steps).mean().item()
         if fused:

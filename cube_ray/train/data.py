@@ -25,6 +25,11 @@ class Pairs:
     def __len__(self) -> int:
         return len(next(iter(self.q.values())))  # from the tensors: a batch made by `take` carries no ids
 
+    def to(self, device: torch.device) -> Pairs:
+        """The embeddings on `device` (a GPU worker's train shard lives there for the whole run)."""
+        return dataclasses.replace(self, q={t: x.to(device) for t, x in self.q.items()},
+                                   a={t: x.to(device) for t, x in self.a.items()})
+
     def centred(self, centres: dict[str, Centering]) -> Pairs:
         if not centres:
             return self

@@ -39,9 +39,10 @@ from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
-from cube_ray.train.batching import BatchSizer, memory_budget_bytes
+from cube_ray.train.batching import BatchSizer, GpuMemory, gpu_memory_budget_bytes, memory_budget_bytes
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
+from cube_ray.train.device import worker_device
 from cube_ray.train.optim import make_optimizer, make_schedule
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
 from cube_ray.train.stages import init_from, restore_best, stage_at, stage_plan, starts_stage
@@ -55,15 +56,19 @@ log = logging.getLogger("cube_ray.train")
 PROBE_SIZE = 8
 
 
-def _train_statistics(cfg: TrainConfig, shard: Pairs, world: int) -> tuple[dict[str, Centering], dict[str, float]]:
+def _train_statistics(cfg: TrainConfig, shard: Pairs, world: int,
+                      device: torch.device) -> tuple[dict[str, Centering], dict[str, float]]:
     """Each teacher's train mean (when centring) and RMS embedding norm after it (the student's input scale,
-    Student.input_scale), over questions and answers of all workers' shards together: one pass, one all-reduce."""
+    Student.input_scale), over questions and answers of all workers' shards together: one pass, one all-reduce
+    (on the worker's device: NCCL reduces GPU tensors only)."""
     centres, scales = {}, {}
     for t in cfg.teachers:
         both = torch.cat([shard.q[t], shard.a[t]]).double()
         stats = torch.cat([both.sum(0), both.square().sum().view(1), torch.tensor([len(both)], dtype=torch.float64)])
         if world > 1:
+            stats = stats.to(device)
             dist.all_reduce(stats)
+            stats = stats.cpu()
         n = stats[-1]
         mean = stats[:-2] / n if cfg.center else torch.zeros_like(stats[:-2])
         if cfg.center:
@@ -73,9 +78,9 @@ def _train_statistics(cfg: TrainConfig, shard: Pairs, world: int) -> tuple[dict[
     return centres, scales
 
 
-def _peak_rss_mb(world: int) -> list[float]:
+def _peak_rss_mb(world: int, device: torch.device) -> list[float]:
     """Every worker's peak RSS so far (MiB), in rank order."""
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device)
     if world == 1:
         return [peak.item()]
     peaks = [torch.zeros_like(peak) for _ in range(world)]
@@ -136,10 +141,11 @@ def setup_worker(config: dict) -> Worker:
     # the worker's process start: before it, Ray Train's controller and the worker group; after it, the imports
     timing = {"process_start": psutil.Process().create_time(), "start": now()}
     torch.set_num_threads(cfg.cpus_per_worker)
+    device = worker_device(cfg.use_gpu)
     store = EmbeddingStore(config["store"])
     shard = load_shard(ray.get(config["shards"][rank]), cfg.teachers)
-    centres, input_scales = _train_statistics(cfg, shard, world)
-    shard = shard.centred(centres)
+    centres, input_scales = _train_statistics(cfg, shard, world, device)
+    shard = shard.centred(centres).to(device)  # on a GPU for the whole run; scoring moves its chunks (Student.predict)
     eval_pairs = load_split(store, config["dataset_id"], selection_split(config["data_ref"]["splits"]), specs).centred(centres)
     widths = {t: shard.q[t].shape[1] for t in cfg.teachers}
     timing["data_done"] = now()
@@ -152,6 +158,7 @@ def setup_worker(config: dict) -> Worker:
     snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))
     if snap is None and cfg.init_from:  # a resumed run continues its own weights, wherever they started
         init_from(student, cfg, Path(config["out"]), rank)
+    student.to(device)  # before the optimiser, whose state lives beside the parameters
     model = _data_parallel(student) if world > 1 else student
     optimizer = make_optimizer(cfg, student)
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
@@ -166,7 +173,7 @@ def setup_worker(config: dict) -> Worker:
         if schedule is not None:
             schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["train_state"])
-        if not state.restore_rng(rank):
+        if not state.restore_rng(rank, device):
             log.warning("rank %d: the checkpoint holds no RNG state for this rank (it trained with fewer workers): "
                         "seeded afresh, so this resume is not bit-exact", rank)
             seed_everything(cfg.seed * 1000 + rank + 1 + state.global_step)
@@ -175,11 +182,11 @@ def setup_worker(config: dict) -> Worker:
     else:
         seed_everything(cfg.seed * 1000 + rank + 1)  # stochastic cell updates differ per rank, reproducibly
     share = cfg.batch_size // world + (rank < cfg.batch_size % world)
-    sizer = BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, ctx.get_local_world_size()), cfg.max_micro_batch)
+    sizer = worker_batch_sizer(cfg, share, device, ctx.get_local_world_size())
     timing["model_done"] = now()
     student.core.cube.prepare()  # the fused kernel: built once per machine and shape, else loaded
     timing["kernel_done"] = now()
-    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs)
+    run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs, device)
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
@@ -193,12 +200,20 @@ def setup_worker(config: dict) -> Worker:
                   share, world, str(snap.checkpoint.dir) if snap is not None else None, timing=timing)
 
 
+def worker_batch_sizer(cfg: TrainConfig, share: int, device: torch.device, workers_on_node: int) -> BatchSizer:
+    """The batch sizer over host memory (a CPU worker's share of it) or over the worker's GPU."""
+    if device.type == "cuda":
+        budget = gpu_memory_budget_bytes(cfg.memory_budget_mb, device, cfg.gpus_per_worker)
+        return BatchSizer(share, budget, cfg.max_micro_batch, GpuMemory(device))
+    return BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, workers_on_node), cfg.max_micro_batch)
+
+
 def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> None:
     """Size the micro-batch by a probe step of the current stage's tasks (modes differ in rows per sample), in
     training mode, and draw nothing from the RNGs training draws from: a run resumed at a stage's start then probes
     as the uninterrupted run did and continues bit for bit."""
     run.student.train()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         sizer.probe(lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode),
                     probe_size=min(PROBE_SIZE, len(shard)), parameters=list(run.student.parameters()))
 
@@ -254,7 +269,7 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
                "expected_steps": float(np.mean([sums["parts"][f"{t}/steps"] for t in cfg.teachers])),
                "step_cap": int(student.step_cap),  # the steps it trained and is scored with (a curriculum's cap)
                "entropy": float(np.mean([m.get("entropy", math.nan) for m in per_teacher.values()])),
-               "peak_rss_mb": max(_peak_rss_mb(w.world)), "time_s": state.seconds + elapsed}
+               "peak_rss_mb": max(_peak_rss_mb(w.world, w.run.device)), "time_s": state.seconds + elapsed}
     metrics.update({f"{t}/{k}": v for t, m in per_teacher.items() for k, v in m.items()})
     metrics.update({f"train/{k}": v for k, v in sums["parts"].items()})
     if cfg.weighting.mode == "adaptive":
@@ -277,7 +292,7 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
     run, state = w.run, w.run.state
     state.micro_batch = w.sizer.micro
     state.batch_decisions = list(w.sizer.decisions)
-    state.capture_rng()
+    state.capture_rng(run.device)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=run.out, prefix=SNAPSHOT_PREFIX) as tmp:  # beside latest/: hard links
         checkpoint = None
@@ -312,7 +327,8 @@ def train_epoch(w: Worker) -> None:
     start = time.perf_counter()
     for step in range(state.step_in_epoch, w.steps_per_epoch):
         w.run.student.train()
-        idx = order[torch.arange(step * w.share, (step + 1) * w.share) % len(w.shard)]  # wraps: every rank same steps
+        # wraps round the shard, so every rank takes the same number of steps
+        idx = order[torch.arange(step * w.share, (step + 1) * w.share) % len(w.shard)].to(run.device)
         loss, parts = train_step(run, w.loss_fn, w.model, w.optimizer, w.sizer, take(w.shard, idx))
         if w.schedule is not None and cfg.schedule == "cosine":
             w.schedule.step()
@@ -352,5 +368,5 @@ def train_loop_per_worker(config: dict) -> dict:
     while state.epoch < w.last_epoch and not w.run.stop:
         train_epoch(w)
     return {"epochs": state.epoch, "stopped": w.run.stop, "history": state.history,
-            "batch_decisions": state.batch_decisions, "worker_peak_rss_mb": _peak_rss_mb(w.world),
+            "batch_decisions": state.batch_decisions, "worker_peak_rss_mb": _peak_rss_mb(w.world, w.run.device),
             "resumed_from": w.resumed_from}

@@ -65,6 +65,7 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     store = EmbeddingStore(store_root)
     prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
     init_ray()  # training needs Ray whether or not extraction does
+    require_train_gpus(cfg)  # before extraction: a run that can never start should not embed first
     extract_all(prepared.unique_texts(), list(specs.values()), store)
     entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
     rows = prepared.manifest["splits"]["train"]["rows"]
@@ -174,15 +175,30 @@ def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_co
               "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
               "stop_after": stop_after, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref,
               "shards": data.shards}
-    result = trainer_class(cfg.workers)(
-        train_on_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(**run_kwargs)).fit()
+    result = trainer_class(cfg.workers)(train_on_worker, train_loop_config=config, scaling_config=scaling_config(cfg),
+                                        run_config=ray.train.RunConfig(**run_kwargs)).fit()
     if result.error:
         raise result.error
     ret = result.return_value or {}
     return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
                      ret.get("worker_peak_rss_mb", []), ret.get("resumed_from"))
+
+
+def scaling_config(cfg: TrainConfig):
+    """The run's workers and what each requests: its CPUs and, with use_gpu, its share of a GPU."""
+    import ray.train
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
+def require_train_gpus(cfg: TrainConfig) -> None:
+    """With use_gpu, a ConfigError unless some node can hold a worker's GPU share (cube_ray.resources)."""
+    from cube_ray.resources import require_gpus
+
+    if cfg.use_gpu:
+        require_gpus(cfg.gpus_per_worker, f"use_gpu (gpus_per_worker: {cfg.gpus_per_worker:g})", "Ray Train worker",
+                     "Train on a cluster with GPU nodes, or without --use-gpu (use_gpu: false) on CPU")
 
 
 def trainer_class(workers: int):

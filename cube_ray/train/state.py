@@ -35,20 +35,22 @@ class TrainState:
     seconds: float = 0.0  # wall time of the epochs so far (training and validation), across resumes
     rng: dict[str, Any] = dataclasses.field(default_factory=dict)  # every rank's RNG states, by rank ("0", "1", …)
 
-    def capture_rng(self) -> None:
+    def capture_rng(self, device: torch.device = torch.device("cpu")) -> None:
         """Every rank's RNG states (a collective call when several workers train: each rank draws its own cell
-        updates, so rank 0's state alone would not resume rank 1 exactly)."""
+        updates, so rank 0's state alone would not resume rank 1 exactly), its GPU's too when it trains on one."""
         name, key, pos, has_gauss, gauss = np.random.get_state()
         # plain values and tensors only: a checkpoint loads with torch.load(weights_only=True), which runs no code
         mine = {"python": random.getstate(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
                 "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(device)
         states = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, mine)
         self.rng = {str(rank): s for rank, s in enumerate(states)}
 
-    def restore_rng(self, rank: int) -> bool:
+    def restore_rng(self, rank: int, device: torch.device = torch.device("cpu")) -> bool:
         """Restore this rank's RNG states; False if the checkpoint has none for it (it ran with fewer workers)."""
         mine = self.rng.get(str(rank)) or (self.rng if "python" in self.rng and rank == 0 else None)  # format 1: rank 0's
         if mine is None:
@@ -57,6 +59,8 @@ class TrainState:
         name, key, pos, has_gauss, gauss = mine["numpy"]
         np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(mine["torch"])
+        if device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], device)
         return True
 
 
@@ -70,6 +74,7 @@ class Run:
     out: Path
     rank: int
     eval_pairs: Pairs
+    device: torch.device = torch.device("cpu")  # the student's and the train shard's (TrainConfig.use_gpu)
     stop: str = ""
     oom_injected: bool = False  # TrainConfig.inject_oom_at_step fires once
 

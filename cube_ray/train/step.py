@@ -28,6 +28,7 @@ from cube_ray.losses.combine import CombinedLoss
 from cube_ray.model.student import FUSION
 from cube_ray.train.batching import BatchSizer, is_oom
 from cube_ray.train.data import Pairs
+from cube_ray.train.device import autocast, rng_state, set_rng_state
 from cube_ray.train.state import Run
 
 
@@ -89,17 +90,19 @@ def predict(model, todo: list[Task]) -> list[Predicted]:
         if id(task.inputs) not in fused:
             fused[id(task.inputs)] = model(task.inputs, FUSION)
         outs.append(fused[id(task.inputs)][task.route[1]])
-    return [Predicted(o.output, o.expected_steps) for o in outs]
+    # float32 whatever autocast ran the cube in: the loss is computed outside autocast, in full precision
+    return [Predicted(o.output.float(), o.expected_steps.float()) for o in outs]
 
 
 def gather_targets(y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every worker's targets in rank order (one worker: `y` itself), and where this worker's start among them."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return y, 0
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(y)]))
+    # on y's device: NCCL (GPU workers) gathers only GPU tensors, gloo (CPU workers) CPU ones
+    sizes = [torch.zeros(1, dtype=torch.long, device=y.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(y)], device=y.device))
     longest = int(max(sizes))  # shares may differ by one sample: pad to the longest, then cut
-    padded = [torch.zeros(longest, *y.shape[1:], dtype=y.dtype) for _ in sizes]
+    padded = [torch.zeros(longest, *y.shape[1:], dtype=y.dtype, device=y.device) for _ in sizes]
     dist.all_gather(padded, torch.cat([y, y.new_zeros(longest - len(y), *y.shape[1:])]))
     rank = dist.get_rank()
     return torch.cat([p[:int(n)] for p, n in zip(padded, sizes)]), int(sum(sizes[:rank]))
@@ -123,20 +126,23 @@ def share_loss(run: Run, loss_fn: CombinedLoss, todo: list[Task], preds: list[Pr
 
 def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, batch: Pairs) -> tuple[float, dict]:
     """Backpropagate the share's loss into the parameters' .grad, in micro-batches of `micro` (gradient cache)."""
+    amp, device = run.cfg.amp, run.device
     if micro >= len(batch):
         _maybe_inject_oom(run)
         todo = tasks(run.cfg, batch, run.task_mode)
-        total, parts = share_loss(run, loss_fn, todo, predict(model, todo))
+        with autocast(amp, device):
+            preds = predict(model, todo)
+        total, parts = share_loss(run, loss_fn, todo, preds)
         total.backward()
         return total.item(), parts
     chunks = [take(batch, torch.arange(s, min(len(batch), s + micro))) for s in range(0, len(batch), micro)]
     replay, cached = [], []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(amp, device):
         for chunk in chunks:
             _maybe_inject_oom(run)
-            replay.append(torch.get_rng_state())
+            replay.append(rng_state(device))
             cached.append(predict(model, tasks(run.cfg, chunk, run.task_mode)))
-    after = torch.get_rng_state()
+    after = rng_state(device)
     per_chunk = [tasks(run.cfg, chunk, run.task_mode) for chunk in chunks]
     whole = [dataclasses.replace(task, x=torch.cat([c[j].x for c in per_chunk]), y=torch.cat([c[j].y for c in per_chunk]),
                                  inputs=None) for j, task in enumerate(per_chunk[0])]  # for the loss alone
@@ -146,24 +152,26 @@ def accumulate_gradients(run: Run, loss_fn: CombinedLoss, model, micro: int, bat
     total.backward()  # d loss / d prediction, for every prediction of the share
     starts = [0] * len(whole)
     for k, chunk in enumerate(chunks):
-        torch.set_rng_state(replay[k])  # the same random cell updates as the forward pass above
+        set_rng_state(replay[k], device)  # the same random cell updates as the forward pass above
         sync = k == len(chunks) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             surrogate = 0.0
-            for j, pred in enumerate(predict(model, per_chunk[k])):
+            with autocast(amp, device):
+                preds = predict(model, per_chunk[k])
+            for j, pred in enumerate(preds):
                 rows = slice(starts[j], starts[j] + len(pred.output))
                 starts[j] = rows.stop
                 for value, leaf in ((pred.output, leaves[j].output), (pred.steps, leaves[j].steps)):
                     if leaf.grad is not None:
                         surrogate = surrogate + (value * leaf.grad[rows]).sum()
             surrogate.backward()
-    torch.set_rng_state(after)
+    set_rng_state(after, device)
     return total.item(), parts
 
 
 def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSizer, batch: Pairs) -> tuple[float, dict]:
     """One optimiser step over this worker's share; an out-of-memory error halves the micro-batch and retries."""
-    start = torch.get_rng_state()
+    start = rng_state(run.device)
     while True:
         optimizer.zero_grad(set_to_none=True)
         try:
@@ -173,7 +181,7 @@ def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSi
             if not is_oom(e):
                 raise
             sizer.on_oom(e)
-            torch.set_rng_state(start)  # the retry draws the same cell updates
+            set_rng_state(start, run.device)  # the retry draws the same cell updates
     if run.cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
     optimizer.step()
@@ -184,7 +192,8 @@ def train_step(run: Run, loss_fn: CombinedLoss, model, optimizer, sizer: BatchSi
 def probe_step(cfg: TrainConfig, model, batch: Pairs, mode: str | None = None) -> None:
     """Forward and backward of every task of `mode` (default: the run's) on `batch`, as a step runs them (the batch
     sizer's probe); it leaves no gradients behind."""
-    preds = predict(model, tasks(cfg, batch, mode))
+    with autocast(cfg.amp, next(iter(batch.q.values())).device):
+        preds = predict(model, tasks(cfg, batch, mode))
     sum(p.output.sum() + p.steps.sum() for p in preds).backward()
     for p in model.parameters():
         p.grad = None

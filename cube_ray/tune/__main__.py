@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from cube_ray.cli import add_data_args, data_config, float_at_least, given_options, int_in, positive_int, setup_logging
+from cube_ray.cli import (add_data_args, data_config, float_at_least, given_options, gpu_count, int_in, positive_int,
+                          setup_logging)
 from cube_ray.config import SearchConfig, flatten, load_yaml, to_dict
 from cube_ray.experiment import SEARCH
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers-per-trial", type=positive_int, default=1, help="Ray Train workers per trial (default: %(default)s)")
     p.add_argument("--cpus-per-worker", type=positive_int, default=SearchConfig.cpus_per_worker,
                    help="CPUs of each Ray Train worker (default: %(default)s: on 2 cores, two 1-CPU trials at once beat one 2-CPU trial)")
+    p.add_argument("--use-gpu", action="store_true", help="train every trial's workers on GPUs (default: CPUs)")
+    p.add_argument("--gpus-per-worker", type=gpu_count, default=SearchConfig.gpus_per_worker,
+                   help="with --use-gpu: each worker's share of a GPU; 0.25 runs four trials per GPU (default: %(default)s)")
     p.add_argument("--teachers", help="comma-separated teacher names (default: the space's base preset's)")
     p.add_argument("--name", help="experiment name: the folder under --out (default: <space>-<timestamp>; with "
                    "--resume, the newest experiment of --space under --out)")
@@ -101,7 +105,8 @@ def search_from_flags(args: argparse.Namespace, name: str) -> SearchConfig:
         space=args.space, name=name, out=args.out, store=args.store, data=data_config(args),
         teachers=args.teachers.split(",") if args.teachers else None, teacher_config=args.teacher_config,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
-        cpus_per_worker=args.cpus_per_worker, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
+        cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker,
+        gpus_per_actor=args.gpus_per_actor, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
         report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
         time_budget_s=args.time_budget_s or None, wall_budget_s=args.wall_budget_s or None,
         max_epochs=args.max_epochs, continue_from=args.continue_from,

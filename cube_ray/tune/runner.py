@@ -32,7 +32,8 @@ from cube_ray.tune.study import copy_finished_trials, make_searcher
 
 log = logging.getLogger("cube_ray.tune")
 
-SHARED = ("data", "teachers", "workers", "cpus_per_worker")  # the same for every trial of a search
+# the same for every trial of a search
+SHARED = ("data", "teachers", "workers", "cpus_per_worker", "use_gpu", "gpus_per_worker")
 # Of a wall budget, kept for what follows the trials: the last ones' teardown, the report, Ray's shutdown (32 s
 # measured twice on 2 cores at half the usual matmul rate, with 8 and with 18 trials; the top-3 ensemble's row
 # added 11 s to the report on a machine at a third of that rate)
@@ -76,7 +77,8 @@ def space_for(search: SearchConfig) -> SearchSpace:
         raise ConfigError(f"search space {search.space!r}: {shared} cannot be searched: every trial reads the same "
                           f"prepared data with the same teachers and workers ({', '.join(SHARED)} are fixed per search)")
     base = dataclasses.replace(space.base, data=search.data, workers=search.workers_per_trial,
-                               cpus_per_worker=search.cpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
+                               cpus_per_worker=search.cpus_per_worker, use_gpu=search.use_gpu,
+                               gpus_per_worker=search.gpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
                                epochs=trial_epochs(search, space),
                                report_every_samples=search.report_every_samples or space.base.report_every_samples)
     base.validate()
@@ -220,14 +222,17 @@ def start_points(space: SearchSpace) -> list[dict] | None:
 
 
 def concurrency(search: SearchConfig, space: SearchSpace) -> int:
-    """Trials at once: as many as the cluster's CPUs hold (a trial's driver takes none; its workers take
-    workers x cpus_per_worker), unless --max-concurrent says otherwise."""
+    """Trials at once: as many as the cluster's CPUs (and, with use_gpu, its GPUs) hold (a trial's driver takes
+    none; its workers take workers x cpus_per_worker, and x gpus_per_worker), unless --max-concurrent says otherwise."""
     import ray
 
     if search.max_concurrent:
         return search.max_concurrent
-    per_trial = search.workers_per_trial * space.base.cpus_per_worker
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1)) // (search.workers_per_trial * space.base.cpus_per_worker)
+    if space.base.use_gpu:  # an autoscaling cluster may have no GPU yet: then one trial, which brings a GPU node
+        fits = min(fits, int(resources.get("GPU", 0) // (search.workers_per_trial * space.base.gpus_per_worker)))
+    return max(1, fits)
 
 
 def check_own_experiment(exp: Path) -> None:
@@ -277,7 +282,7 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     search.validate()
     if search.continue_from and not (Path(search.continue_from) / SEARCH).exists():
         raise FileNotFoundError(f"--continue-from {search.continue_from}: not an experiment folder (no search.yaml)")
-    registry = load_registry(search.teacher_config)
+    registry = load_registry(search.teacher_config, search.gpus_per_actor)
     space = space_for(search)  # a malformed space fails here, before Ray starts
     grace, factor = scheduler_settings(search, space)  # saved as used, so the report and --resume read them
     search = dataclasses.replace(search, grace_samples=grace, reduction_factor=factor,

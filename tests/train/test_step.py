@@ -142,3 +142,18 @@ def test_two_workers_give_the_one_worker_loss_and_gradients(loss, tmp_path):
     assert two["loss"] == pytest.approx(one_loss, abs=1e-5)
     for name, g in one.items():
         torch.testing.assert_close(two["grads"][name], g, atol=1e-5, rtol=1e-4, msg=f"{loss}: {name}")
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_the_loss_in_float32():
+    """amp: bf16 (TrainConfig.amp; meant for GPUs, run here on CPU): the gradients are those of fp32 to bf16's
+    precision, not equal to them, so autocast really ran; whole batch and micro-batches agree as in fp32."""
+    cfg = config(LOSSES["mix"])
+    fp32_loss, fp32 = gradients(cfg, 64, batch())
+    amp = dataclasses.replace(cfg, amp="bf16")
+    bf16_loss, bf16 = gradients(amp, 64, batch())
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.05) and bf16_loss != fp32_loss
+    assert all(g.dtype == torch.float32 for g in bf16.values())  # the parameters stay float32
+    worst = max(((bf16[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in fp32.items())
+    assert 0 < worst < 0.15
+    split_loss, _ = gradients(amp, 8, batch())
+    assert split_loss == pytest.approx(bf16_loss, rel=1e-2)  # the gradient cache replays under autocast too
