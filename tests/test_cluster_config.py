@@ -86,6 +86,21 @@ def test_cluster_yaml_node_types():
     assert cfg["idle_timeout_minutes"] > 0
 
 
+def test_cluster_yaml_has_gpu_nodes_for_what_asks_for_a_gpu():
+    """The GPU teachers' extraction actors and a --use-gpu search's workers fit on cluster.yaml's GPU node type,
+    and the driver's pre-flight check (cube_ray.resources) reads from that config that the autoscaler can add one."""
+    from cube_ray.config import TrainConfig
+    from cube_ray.resources import autoscaler_node_gpus
+    from cube_ray.teachers import load_registry
+
+    node_gpus = autoscaler_node_gpus(CLUSTER_YAML)
+    gpu_teachers = {name: spec.gpus for name, spec in load_registry().items() if spec.on_gpu}
+    assert set(gpu_teachers) == {"llama3-8b", "mistral-7b"}
+    assert node_gpus >= max(gpu_teachers.values()) and node_gpus >= TrainConfig().gpus_per_worker
+    gpu_type = [t for t in load_cluster()["available_node_types"].values() if t["resources"].get("GPU")]
+    assert all(t["max_workers"] >= len(gpu_teachers) for t in gpu_type), "both GPU teachers extract at once"
+
+
 def test_cluster_yaml_installs_and_mounts_the_project():
     cfg = load_cluster()
     setup = all_setup_commands(cfg)
