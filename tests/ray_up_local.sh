@@ -36,4 +36,6 @@ step ray exec "$CONFIG" "cd ~/cube_ray && python -m cube_ray.tune --space smoke 
 step ray exec "$CONFIG" "cd ~/cube_ray && python -m cube_ray.evaluate --json \
 \$(cat /mnt/shared/cube_ray/results/$EXP/best_checkpoint) > /mnt/shared/cube_ray/results/$EXP/evaluate.json"
 step ray down -y "$CONFIG"
+# `ray down` stopped the head's Ray: no raylet or GCS server is left (pgrep sees this PID namespace only)
+if pgrep -a 'raylet|gcs_server'; then echo "Ray still runs after ray down" >&2; exit 1; fi
 kill "$(cat "$T/ssh/sshd.pid")"
