@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.test_cluster_config import LOCAL_YAML, ROOT
-from tests.tune.test_cluster_cli import processes_of
+from tests.clusters import processes_of, readme_commands, words
 
 SCRIPT = Path(__file__).with_name("ray_up_local.sh")
 SSHD, RSYNC = Path("/usr/sbin/sshd"), shutil.which("rsync")
@@ -167,16 +167,9 @@ def test_the_search_reported_on_the_cluster_and_its_best_checkpoint_evaluates(br
 
 def test_the_readme_shows_the_commands_this_test_runs():
     """README.md's on-prem block holds the script's client commands, with the config's and experiment's names."""
-    def words(text: str) -> str:
-        return " ".join(text.replace("\\\n", " ").split())
-
-    script = SCRIPT.read_text()
-    commands = [words(c) for c in script.replace("\\\n", " ").splitlines() if c.startswith("step ray ")]
+    commands = [words(c) for c in SCRIPT.read_text().replace("\\\n", " ").splitlines() if c.startswith("step ray ")]
     assert len(commands) == 5
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### On-prem (local provider)"):]
-    block = section[section.index("```bash\n"):section.index("\n```", section.index("```bash\n"))]
-    shown = words("\n".join(line.split("  #")[0] for line in block.splitlines()))  # comments dropped
+    shown = readme_commands("### On-prem (local provider)")
     for command in commands:
         expected = command.removeprefix("step ").replace('"$CONFIG"', "cluster-local.yaml").replace("$EXP", EXP)
         assert expected in shown, expected

@@ -30,6 +30,7 @@ import pytest
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.experiment import TRIAL
+from tests.clusters import processes_of, readme_commands
 
 GAUGES = ("samples_per_s", "micro_batch", "expected_steps")  # cube_ray.train.callbacks.RayMetrics
 SAMPLES = 2  # trials per search: the base preset and smoke.yaml's first point, started together
@@ -67,20 +68,6 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     """`setsid ray start ... --block`: its own process group, whose id is its PID."""
     with open(log, "w") as f:
         return subprocess.Popen(["setsid", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def processes_of(root: Path) -> list[int]:
-    """PIDs of this cluster's processes: those whose environment or command line names its folder (every process
-    `ray start` starts inherits RAY_AUTH_TOKEN_PATH=<root>/auth_token; Ray's workers rename their command line)."""
-    found, marker = [], str(root).encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "environ").read_bytes() or marker in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:  # gone, or not ours to read
-                pass
-    return found
 
 
 def stop(groups: list[subprocess.Popen], root: Path) -> None:
@@ -377,11 +364,7 @@ def test_every_trial_folder_holds_its_rounds_as_tensorboard_events(searches):
 
 def test_the_readme_shows_the_commands_this_module_runs():
     """README.md's "Several Ray processes on one machine" block: the same commands, with placeholders."""
-    text = (Path(__file__).parents[2] / "README.md").read_text()
-    section = text[text.index("### Several Ray processes on one machine (`ray start`)"):]
-    block = section[section.index("```bash\n") + 8:section.index("\n```", section.index("```bash\n"))]
-    lines = " ".join(line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines())
-    shown = " ".join(lines.split())
+    shown = readme_commands("### Several Ray processes on one machine (`ray start`)")
     out, store = '"$PWD/results"', '"$PWD/store"'
     at = "RAY_ADDRESS=127.0.0.1:P "
     for cmd in ([at + "setsid", *head_command("P", "D", "C", "M1", "A1", "T")],
