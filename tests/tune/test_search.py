@@ -54,14 +54,26 @@ def trial_dirs(exp: Path) -> list[Path]:
     return sorted(p.parent for p in exp.glob(f"trial_*/{TRIAL}"))
 
 
+def epoch_reports(trial: Path) -> list[dict]:
+    """The epoch-end reports Tune received (they carry `eval`; a round's report carries only `round_eval`)."""
+    lines = (trial / "result.json").read_text().splitlines() if (trial / "result.json").exists() else []
+    return [r for r in map(json.loads, lines) if "eval" in r]
+
+
 def check_retention(trial: Path) -> None:
     """Ray keeps the best K epoch checkpoints plus the latest; we keep latest, best_loss, best_eval. A trial ASHA
-    stopped at a rung inside its first epoch has only the rounds' latest/ (epoch checkpoints come at an epoch's end)."""
+    stopped at a rung inside its first epoch has only the rounds' latest/ (epoch checkpoints come at an epoch's end).
+    An epoch's end writes our folders first, then hands Ray its checkpoint with the report: a trial ASHA stops in
+    between has the epoch in our folders and not in Ray's, so Ray's side is checked against the reports Tune got."""
     ray_checkpoints = [p for p in (trial / "train").glob("checkpoint_*") if p.is_dir()]
     assert prune_unregistered_checkpoints(trial / "train") == [], trial
+    assert len(ray_checkpoints) <= KEEP + 1, (trial, ray_checkpoints)
+    reported = epoch_reports(trial)
+    assert len(ray_checkpoints) >= min(1, len(reported)), (trial, ray_checkpoints, len(reported))
     ours = {p.name for p in trial.iterdir() if (p / "checkpoint.json").exists()}
-    if history(trial):
-        assert 1 <= len(ray_checkpoints) <= KEEP + 1, (trial, ray_checkpoints)
+    epochs = [row["epoch"] for row in history(trial)]
+    assert {r["epoch"] for r in reported} <= set(epochs), (trial, reported, epochs)  # ours never lag Ray's
+    if epochs:
         assert ours == {"latest", "best_loss", "best_eval"}, (trial, sorted(p.name for p in trial.iterdir()))
     else:
         assert ray_checkpoints == [] and ours == {"latest"}, (trial, ray_checkpoints, sorted(ours))
