@@ -229,6 +229,9 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # with use_gpu: a fraction lets several trials' workers share one GPU
     amp: typing.Literal["none", "bf16"] = "none"  # bf16 autocast of the forward passes (on a GPU; CPU runs it slowly)
     eval_metric: typing.Literal["mrr", "r1", "r5", "cos"] = "mrr"
+    # At every epoch's end, pick each teacher's residual mix (how much of the cube's change a prediction adds to its
+    # input, 0..1) by eval_metric on the picking split (cube_ray/train/calibration.py); false: add all of it.
+    pick_residual_mix: bool = True
     patience: int = 0  # early stopping: epochs without eval improvement; 0 = off
     min_delta: float = 1e-4  # early stopping: a smaller eval gain does not count as improvement
     entropy_patience: int = 0  # early stopping when retrieval entropy stops falling for this many epochs; 0 = off

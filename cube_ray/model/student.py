@@ -2,7 +2,8 @@
 
 `student(x, "minilm")` maps embeddings in that teacher's space to predictions in the same space: with
 `cube.residual` (the default) x + (the cube's read-out), the decoders' last layers starting at zero, so an
-untrained student predicts its input (the identity baseline) and training learns the change. The training
+untrained student predicts its input (the identity baseline) and training learns the change. At inference each
+teacher's change is scaled by its `residual_mix` in [0, 1], which training picks on the picking split. The training
 loop weights the per-teacher losses by `student.weights()`: fixed, uniform, adaptive or agreement, where
 `update_weights(scores)` (called once per epoch) sets w_t = softmax(score_t / temperature): the teacher's MRR on
 the picking split (adaptive) or how well its retrieval agrees with the other teachers' (agreement; see
@@ -76,6 +77,10 @@ class Student(nn.Module):
         # The most steps the cube runs, in training and at inference alike: a curriculum lowers it while it warms
         # up, and a checkpoint keeps it, so a student is always evaluated with the steps it was trained with.
         self.register_buffer("step_cap", torch.tensor(cube.max_steps))
+        # Each teacher's share of the residual at inference: x + mix * (the cube's change). Training adds all of the
+        # change; the training loop picks mix in [0, 1] per teacher on the picking split at every epoch's end
+        # (cube_ray/train/calibration.py), so a space the cube does not improve falls back towards its input.
+        self.register_buffer("residual_mix", torch.ones(len(self.teachers)))
 
     @property
     def fused(self) -> bool:
@@ -140,15 +145,17 @@ class Student(nn.Module):
         """The run's read-out (and every step's) decoded into teacher `into`'s space; `own` is the input in that
         space, if the run had one: the residual and the linear bypass map a teacher's space onto itself, so a
         prediction into a space whose input was not given is the cube's alone."""
-        scale = self.input_scale[self.teachers.index(into)]
+        index = self.teachers.index(into)
+        scale = self.input_scale[index]
+        mix = 1.0 if self.training else self.residual_mix[index]
 
         def predict(field: torch.Tensor) -> torch.Tensor:
             pred = self.adapters[into].decode(field) * scale
             if own is None:
                 return pred
-            if self.cfg.residual:
-                pred = own + pred
-            return pred if self.bypass is None else pred + self.bypass[into](own)
+            if self.bypass is not None:
+                pred = pred + self.bypass[into](own)
+            return own + mix * pred if self.cfg.residual else pred
 
         steps = None if run.step_outputs is None else [predict(f) for f in run.step_outputs]
         return dataclasses.replace(run, output=predict(run.output), step_outputs=steps)

@@ -40,6 +40,7 @@ from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingStore
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.batching import BatchSizer, GpuMemory, gpu_memory_budget_bytes, memory_budget_bytes
+from cube_ray.train.calibration import calibrate_residual_mix
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.device import worker_device
@@ -262,6 +263,10 @@ def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = N
 def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
     """An epoch's end: the selection metric on the whole picking split, throughput, halting, teacher weights."""
     cfg, student, state = w.run.cfg, w.run.student, w.run.state
+    if cfg.pick_residual_mix and selection_key(cfg) != "recon_cos":  # an autoencoder's best mix is 0, its input
+        start = time.perf_counter()
+        calibrate_residual_mix(student, w.run.eval_pairs, selection_key(cfg))
+        w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
     score, per_teacher = selection_score(w, w.run.eval_pairs)
     metrics = {"epoch": state.epoch + 1, "loss": sums["loss"], "eval": score,
                "samples_per_s": sums["samples"] * w.world / max(sums["seconds"], 1e-9), "micro_batch": w.sizer.micro,
@@ -279,6 +284,7 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
     else:
         weights = student.weights()
     metrics.update({f"weight/{t}": w_ for t, w_ in weights.items()})
+    metrics.update({f"mix/{t}": m for t, m in zip(student.teachers, student.residual_mix.tolist())})
     if w.schedule is not None and cfg.schedule == "plateau":
         w.schedule.step(metrics["eval"])
     return metrics

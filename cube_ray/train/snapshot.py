@@ -58,6 +58,7 @@ def load_snapshot(path: str | Path, with_state: bool = False) -> Snapshot:
     if ck.format == 1:
         state.setdefault("step_cap", student.step_cap)  # format 1 evaluated every step, whatever it trained with
     state.setdefault("input_scale", student.input_scale)  # students saved before input scales saw raw inputs
+    state.setdefault("residual_mix", student.residual_mix)  # students saved before the mix added all of the change
     try:
         student.load_state_dict(state)
     except RuntimeError as e:

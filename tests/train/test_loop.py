@@ -13,6 +13,7 @@ from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.evaluate import student_metrics
 from cube_ray.experiment import INIT_FROM
 from cube_ray.store import EmbeddingStore
+from cube_ray.train.calibration import MIXES
 from cube_ray.train.data import load_shard, load_split
 from cube_ray.train.run import fit, prepare_run
 from cube_ray.train.snapshot import load_for_eval, load_snapshot
@@ -70,6 +71,14 @@ def test_a_val_split_picks_the_model_and_eval_stays_unseen(store, tmp_path):
     assert result.history[-1]["minilm/mrr"] == pytest.approx(scored["val"], abs=1e-6)
     assert result.history[-1]["minilm/mrr"] != pytest.approx(scored["eval"], abs=1e-3)
     assert load_for_eval(tmp_path / "run" / "best_eval").picked_on == "val"  # what the report states
+    # the residual mix the checkpoint keeps is the one val scores best, picked at the epoch's end
+    assert snap.student.residual_mix.item() == pytest.approx(result.history[-1]["mix/minilm"])
+    by_mix = {}
+    for mix in MIXES:
+        snap.student.residual_mix.fill_(mix)
+        by_mix[mix] = student_metrics(snap.student, split["val"])["minilm"]["mrr"]
+    assert result.history[-1]["minilm/mrr"] == pytest.approx(max(by_mix.values()), abs=1e-6)
+    assert by_mix[1.0] != pytest.approx(by_mix[0.0], abs=1e-4)  # the cube changed its input: the pick had a choice
 
 
 @pytest.mark.parametrize("workers", [1, 2])
