@@ -11,6 +11,7 @@ import yaml
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.experiment import FINISHED, TRIAL
+from tests.clusters import free_ports
 
 EPOCHS = 60  # ~45 s of the smoke cube (0.7 s an epoch here, rounds and checkpoints included): the head's trial
 # still trains when the other, started ~20 s after its first epoch, has trained one (150 epochs made this test 5-10 min)
@@ -23,7 +24,9 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    # the dashboard on a free port: another Ray on this host (a user's, another test run's) may hold the default one
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": free_ports(1)[0]})
     ray.init(address=c.address, logging_level="ERROR")
     yield c
     ray.shutdown()

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -23,27 +22,17 @@ import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.experiment import TRIAL
-from tests.clusters import processes_of, readme_commands
+from tests.clusters import free_ports, processes_of, readme_commands
 
 GAUGES = ("samples_per_s", "micro_batch", "expected_steps")  # cube_ray.train.callbacks.RayMetrics
 SAMPLES = 2  # trials per search: the base preset and smoke.yaml's first point, started together
 CPUS = 2  # per node, and per trial (--cpus-per-worker): two trials at once cannot share a node
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on now, on any address (all bound at once, so no two are the same)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 class Cluster:

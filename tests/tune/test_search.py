@@ -19,6 +19,7 @@ from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
 from cube_ray.experiment import (ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, INIT_FROM, TRIAL, TRIAL_ID,
                                  load_study)
 from cube_ray.tune.runner import MIN_TRIAL_BUDGET_S, REPORT_RESERVE_S, prune_unregistered_checkpoints, run_search, trial_budget
+from tests.clusters import free_ports
 
 KEEP = 1
 
@@ -30,7 +31,9 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    # the dashboard on a free port: another Ray on this host (a user's, another test run's) may hold the default one
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": free_ports(1)[0]})
     ray.init(address=c.address, logging_level="ERROR")
     yield c
     ray.shutdown()
