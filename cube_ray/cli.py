@@ -5,6 +5,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 
 from cube_ray.config import MAX_SEED, DataConfig, check_gpu_count
 from cube_ray.fsutil import cache_dir
@@ -99,6 +100,21 @@ def setup_logging() -> None:
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API calls go (else: the newest cluster of this host)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def starts_own_cluster() -> bool:
+    """Whether ray.init() without an address starts a cluster, rather than joining the host's (`ray start`)."""
+    from ray._private.services import canonicalize_bootstrap_address  # what ray.init itself asks
+
+    return canonicalize_bootstrap_address(None) is None
 
 
 def init_ray(address: str | None = None) -> None:
@@ -108,10 +124,17 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:  # a cluster of this machine alone, which this process starts (its processes inherit the env)
+    own = {}
+    if not address:  # the host's cluster (`ray start`), else one this process starts (its processes inherit the env)
         # Ray Train starts a preemption watcher actor per run to drain spot nodes before they go: a trial's 8th
         # process, and nothing here can be preempted. A joined cluster (--address, `ray up`) keeps Ray's default.
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    ctx = ray.init(address=address, include_dashboard=None, logging_level=logging.WARNING)
+        # Without an address, Ray's state API asks the newest cluster of this host: with a second one started later
+        # (another search, a test run), Ray Train's placement-group cleaner asked that one whether this cluster's
+        # run controller lived, was told no, and removed a live run's workers. Its own dashboard, for every process.
+        if API_SERVER_ENV not in os.environ and starts_own_cluster():
+            port = free_port()
+            os.environ[API_SERVER_ENV], own["dashboard_port"] = f"http://127.0.0.1:{port}", port
+    ctx = ray.init(address=address, include_dashboard=None, logging_level=logging.WARNING, **own)
     url = getattr(ctx, "dashboard_url", None)
     print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
