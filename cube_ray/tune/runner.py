@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
     """ASHA on `round_eval` at rungs in training samples, recording each trial it stops in the experiment folder."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    max_t = trial_epochs(search, space) * train_rows
+    max_t = trial_epochs(search, space) * epoch_samples(space, train_rows)
 
     class RecordingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
@@ -61,6 +62,15 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
     return RecordingASHA(time_attr=STEP, metric=ROUND_METRIC, mode="max", max_t=max(max_t, grace), grace_period=grace,
                          reduction_factor=factor, stop_last_trials=False)
+
+
+def epoch_samples(space: SearchSpace, train_rows: int) -> int:
+    """The most training samples an epoch counts (ASHA's time unit) for any batch size the space can sample: whole
+    batches, the last one wrapping round the split, so up to a batch less one more than its rows. With max_t at
+    epochs x rows, ASHA's top rung fell inside a trial's last epoch and stopped trials that were about to finish."""
+    param = next((p for p in space.params if p.name == "batch_size"), None)
+    batches = [space.base.batch_size] if param is None else list(param.choices) or [int(param.high)]
+    return max(math.ceil(train_rows / b) * b for b in batches)
 
 
 def scheduler_settings(search: SearchConfig, space: SearchSpace) -> tuple[int, int]:

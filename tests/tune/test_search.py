@@ -407,8 +407,9 @@ def test_killed_driver_resumes_keeping_finished_trials(cluster, store, tmp_path,
         "lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}}}))
     exp = tmp_path / "out" / "killed"
     log = tmp_path / "driver.log"
-    # grace = every trial's length (12 epochs of 300 pairs): ASHA never stops one, so each trial finishes or is interrupted
-    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--grace-samples", "3600",
+    # grace = every trial's length (12 epochs of 10 batches of 32: 300 pairs, the last batch wrapping round): ASHA's
+    # one rung is each trial's last report, so it never stops one and each trial finishes or is interrupted
+    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--grace-samples", "3840",
                    "--keep-checkpoints", str(KEEP), "--name", "killed", "--out", str(tmp_path / "out"),
                    "--store", str(store), "--limit", "300", "--address", cluster.address)
     with open(log, "w") as f:
