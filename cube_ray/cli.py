@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+from contextlib import ExitStack
 
 from cube_ray.config import MAX_SEED, DataConfig, check_gpu_count
 from cube_ray.fsutil import cache_dir
@@ -103,11 +104,13 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API calls go (else: the newest cluster of this host)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports nothing listens on now, on any address (all bound at once, so no two are the same)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def starts_own_cluster() -> bool:
@@ -133,7 +136,7 @@ def init_ray(address: str | None = None) -> None:
         # (another search, a test run), Ray Train's placement-group cleaner asked that one whether this cluster's
         # run controller lived, was told no, and removed a live run's workers. Its own dashboard, for every process.
         if API_SERVER_ENV not in os.environ and starts_own_cluster():
-            port = free_port()
+            port = free_ports(1)[0]
             os.environ[API_SERVER_ENV], own["dashboard_port"] = f"http://127.0.0.1:{port}", port
     ctx = ray.init(address=address, include_dashboard=None, logging_level=logging.WARNING, **own)
     url = getattr(ctx, "dashboard_url", None)

@@ -1,23 +1,12 @@
 """What the tests that start Ray clusters share (tests/tune/test_cluster_cli.py, `ray start`; tests/test_ray_up.py,
-`ray up`; the `ray.cluster_utils.Cluster` fixtures): free ports, finding a cluster's processes, and reading the
-commands the README shows for it."""
+`ray up`): finding a cluster's processes, and reading the commands the README shows for it. Free ports come from
+`cube_ray.cli.free_ports`, which init_ray uses too."""
 from __future__ import annotations
 
 import os
-import socket
-from contextlib import ExitStack
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on now, on any address (all bound at once, so no two are the same)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def processes_of(root: Path) -> list[int]:

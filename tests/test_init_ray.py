@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from cube_ray.cli import starts_own_cluster
-from tests.clusters import free_ports
+from cube_ray.cli import free_ports, starts_own_cluster
 
 PROBE = """
 import sys

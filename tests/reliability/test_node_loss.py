@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from cube_ray.checkpoint import load_checkpoint
+from cube_ray.cli import free_ports
 from cube_ray.experiment import FINISHED, TRIAL
-from tests.clusters import free_ports
 
 EPOCHS = 60  # ~45 s of the smoke cube (0.7 s an epoch here, rounds and checkpoints included): the head's trial
 # still trains when the other, started ~20 s after its first epoch, has trained one (150 epochs made this test 5-10 min)

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 
 from cube_ray.checkpoint import load_checkpoint
+from cube_ray.cli import free_ports
 from cube_ray.experiment import TRIAL
-from tests.clusters import free_ports, processes_of, readme_commands
+from tests.clusters import processes_of, readme_commands
 
 GAUGES = ("samples_per_s", "micro_batch", "expected_steps")  # cube_ray.train.callbacks.RayMetrics
 SAMPLES = 2  # trials per search: the base preset and smoke.yaml's first point, started together

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from cube_ray.checkpoint import load_checkpoint
+from cube_ray.cli import free_ports
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
 from cube_ray.experiment import (ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, INIT_FROM, TRIAL, TRIAL_ID,
                                  load_study)
 from cube_ray.tune.runner import MIN_TRIAL_BUDGET_S, REPORT_RESERVE_S, prune_unregistered_checkpoints, run_search, trial_budget
-from tests.clusters import free_ports
 
 KEEP = 1
 
