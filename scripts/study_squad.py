@@ -170,10 +170,10 @@ def split_baselines(exp: Path, split: str) -> None:
 
 # ---------------------------------------------------------------- the report, from the JSON figures alone
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarise(runs: list[dict]) -> dict:

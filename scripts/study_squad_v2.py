@@ -1,6 +1,6 @@
 """The SQuAD study, second round: the training presets (residual students) against the four baselines, 3 seeds.
 
-    python scripts/study_squad_v2.py [--store DIR] [--runs DIR] [--presets default,contrastive] [--seeds 0,1,2]
+    python scripts/study_squad_v2.py [--store DIR] [--runs DIR] [--presets default,cosine] [--seeds 0,1,2]
     python scripts/study_squad_v2.py --report-only     # report.md and plots from results/study_squad_v2/*.json
 
 Data as in the first study (results/study_squad/, which stays as it is): the first 20,000 SQuAD v1.1 train pairs,
@@ -8,7 +8,7 @@ Data as in the first study (results/study_squad/, which stays as it is): the fir
 the held-out `eval` split, teachers minilm and smollm2. Each step is skipped when its JSON exists, so an interrupted
 study continues where it stopped:
 1. data: prepare and extract what the store lacks (cached and shared with `python -m cube_ray.tune`);
-2. each preset (cube_ray/train/presets/: default, contrastive) for each seed, centred and raw: `fit`, then its
+2. each preset (cube_ray/train/presets/: default, cosine) for each seed, centred and raw: `fit`, then its
    best_eval/ (picked on val) scored on dev, with the plan's criteria;
 3. the baselines on dev (identity, mean answer, ridge, linear adapter), raw and centred, fitted on train;
 4. report.md, study.json and plots, from the JSON figures alone.
@@ -73,6 +73,7 @@ def preset_runs(args, data) -> None:
     """Step 2 (and 3 on the way): each run trained, then its best_eval/ scored on dev."""
     import torch
 
+    from cube_ray.config import to_dict
     from cube_ray.evaluate import baseline_table, student_metrics, with_criteria
     from cube_ray.train.run import fit
     from cube_ray.train.snapshot import load_for_eval
@@ -96,7 +97,8 @@ def preset_runs(args, data) -> None:
         model = student_metrics(loaded.student, loaded.held_out)
         table = with_criteria({t: {"model": model[t], **base[t]} for t in model}, loaded)
         figures.write_text(json.dumps({
-            "name": name, "preset": preset, "seed": seed, "center": center, "epochs": cfg.epochs, "fit_seconds": round(seconds, 1),
+            "name": name, "preset": preset, "config": {k: v for k, v in to_dict(cfg).items() if k != "data"},
+            "seed": seed, "center": center, "epochs": cfg.epochs, "fit_seconds": round(seconds, 1),
             "held_out_pairs": len(loaded.held_out), "max_steps": cfg.cube.max_steps, "min_steps": cfg.cube.min_steps,
             "mix": dict(zip(loaded.student.teachers, loaded.student.residual_mix.tolist())),
             "history": history, "table": table}, indent=1))
@@ -131,12 +133,13 @@ def results_table(runs: list[dict], mode: str, teacher: str) -> tuple[list[str],
         ours = [r for r in mine if r["preset"] == preset]
         mrr = [r["table"][teacher]["model"]["mrr"] for r in ours]
         lines.append(f"| cube, preset `{preset}` | {', '.join(str(r['seed']) for r in ours)} | " + " | ".join(
-            spread([r["table"][teacher]["model"][m] for r in ours]) for m in METRICS) + " |")
+            spread([r["table"][teacher]["model"][m] for r in ours], 4 if m == "mrr" else 3) for m in METRICS) + " |")
         beaten = [b.replace("_", " ") for b in BASELINES if min(mrr) > base[b]["mrr"]]
-        verdicts.append(f"{teacher} {mode}, preset `{preset}`: MRR {spread(mrr)} against the best baseline, "
-                        f"{best.replace('_', ' ')}, {base[best]['mrr']:.4f} ({min(mrr) - base[best]['mrr']:+.4f} for "
+        verdicts.append(f"{teacher} {mode}, preset `{preset}`: MRR {spread(mrr, 4)} against the best baseline, "
+                        f"{best.replace('_', ' ')}, {base[best]['mrr']:.4f} ({min(mrr) - base[best]['mrr']:+.5f} for "
                         f"the worst seed). Beaten on every seed: {', '.join(beaten) or 'none'}.")
-    lines += [f"| {b.replace('_', ' ')} | | " + " | ".join(f"{base[b][m]:.3f}" for m in METRICS) + " |" for b in BASELINES]
+    lines += [f"| {b.replace('_', ' ')} | | " + " | ".join(f"{base[b][m]:.{4 if m == 'mrr' else 3}f}" for m in METRICS)
+              + " |" for b in BASELINES]
     return lines + [""] + [line for v in verdicts for line in (v, "")], verdicts
 
 
@@ -211,8 +214,9 @@ def report() -> Path:
     lines += [f"| {t} | {i['texts']:,} | {i['width']} | {i['extract_seconds'] / 60:.1f} min | "
               f"{i['texts'] / i['extract_seconds']:.1f} |" for t, i in data["teachers"].items()]
     lines += ["", "## The presets against the baselines on SQuAD dev", "",
-              "Each preset of `cube_ray/train/presets/` as it ships (`default`; `contrastive`: the default cube with "
-              "InfoNCE alone on batches of 256 and a linear path beside the cube), residual mix picked on val, "
+              "Each preset of `cube_ray/train/presets/` as it ships (`default`: the cube with InfoNCE alone on batches of "
+              "256 and a linear path beside the cube; `cosine`, the default before this study: cosine to the gold "
+              "answer plus InfoNCE at 0.5 on batches of 64), residual mix picked on val, "
               f"{runs[0]['epochs']} epochs at most, one multi-teacher student per run (a row in each teacher space), "
               "with every teacher's train mean subtracted from inputs, targets, pool and baselines (centred) or not "
               f"(raw). Cube: mean ± sd over seeds; pool: dev's de-duplicated answers ({runs[0]['held_out_pairs']:,} "
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=str(ROOT / "results" / "squad_v2_runs"), help="run folders (checkpoints)")
     p.add_argument("--limit", type=int, default=20000, help="SQuAD train pairs (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="train documents held out to pick models")
-    p.add_argument("--presets", default="default,contrastive", help="training presets (default: %(default)s)")
+    p.add_argument("--presets", default="default,cosine", help="training presets (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of each preset (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad_v2/*.json")
     args = p.parse_args(argv)

@@ -130,12 +130,12 @@ def test_epochs_are_the_schedulers_budget_and_max_epochs_caps_it():
 def test_asha_counts_an_epoch_in_the_samples_the_largest_batch_makes_of_it():
     """An epoch is whole batches (the last wraps round the split): ASHA's max_t is epochs x the longest such epoch,
     so no rung falls inside a trial's last epoch."""
-    assert epoch_samples(load_space("stage247"), 300) == 384  # batch 128: 3 batches; 32 and 64 make 320
+    assert epoch_samples(load_space("stage247"), 300) == 512  # batch 256: 2 batches; 128 makes 384, 32 and 64 320
     assert epoch_samples(load_space("smoke"), 300) == 320  # the smoke preset's batch of 64, not searched: 5 batches
     assert epoch_samples(load_space("stage247"), 16619) == 16640
     search = SearchConfig(max_epochs=3)
     scheduler = asha(search, load_space("stage247"), Path("unused"), 300)
-    assert scheduler._max_t == 3 * 384
+    assert scheduler._max_t == 3 * 512
 
 
 def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
