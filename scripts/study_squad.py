@@ -37,11 +37,12 @@ ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "
                 "cube/skip_linear", "adapter/strategy", "adapter/io", "adapter/out", "optimizer", "batch_size")
 
 
-def search(args) -> Path:
-    """Step 1: the search (its own process: Tune's status table and the extraction's progress show as usual)."""
-    exp = Path(args.runs) / NAME
+def search(args, name: str = NAME, dest: Path = OUT / "search") -> Path:
+    """Step 1: the search (its own process: Tune's status table and the extraction's progress show as usual), its
+    small figures copied to `dest`. `args`: runs, store, limit, val_fraction, num_samples, budget_s, max_epochs."""
+    exp = Path(args.runs) / name
     if not (exp / "report.json").exists():
-        cmd = [sys.executable, "-m", "cube_ray.tune", "--space", "stage247", "--out", str(args.runs), "--name", NAME,
+        cmd = [sys.executable, "-m", "cube_ray.tune", "--space", "stage247", "--out", str(args.runs), "--name", name,
                "--store", args.store, "--seed", "0"]
         if (exp / "search.yaml").exists():
             cmd.append("--resume")
@@ -52,16 +53,15 @@ def search(args) -> Path:
                     "--max-epochs", str(args.max_epochs)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    save_search(exp)
+    save_search(exp, dest)
     return exp
 
 
-def save_search(exp: Path) -> None:
+def save_search(exp: Path, dest: Path) -> None:
     """Copy the search's report, plots and per-trial histories (small) beside the study report."""
     from cube_ray.config import SearchConfig, load_yaml
     from cube_ray.trials import load_trials
 
-    dest = OUT / "search"
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.md", "report.json", "best_config.yaml", "history.png", "importance.png", "curves.png", "search.yaml"):
         if (exp / name).exists():

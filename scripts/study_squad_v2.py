@@ -11,7 +11,9 @@ study continues where it stopped:
 2. each preset (cube_ray/train/presets/: default, cosine) for each seed, centred and raw: `fit`, then its
    best_eval/ (picked on val) scored on dev, with the plan's criteria;
 3. the baselines on dev (identity, mean answer, ridge, linear adapter), raw and centred, fitted on train;
-4. report.md, study.json and plots, from the JSON figures alone.
+4. the search: `python -m cube_ray.tune --space stage247` on the same data (`--budget-s` of trials, `--max-epochs`
+   per trial, picked on val), its report, plots and trial histories copied to search/;
+5. report.md, study.json and plots, from the JSON figures alone.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from study_squad import SQUAD, spread
+from study_squad import SQUAD, search, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "study_squad_v2"
+SEARCH = "squad-v2-stage247"  # the search's experiment folder under --runs
 PRESETS = ROOT / "cube_ray" / "train" / "presets"
 METRICS = ("cos", "r1", "r5", "mrr")
 MODES = {True: "centred", False: "raw"}
@@ -107,7 +110,39 @@ def preset_runs(args, data) -> None:
                                       for t, rows in table.items()), flush=True)
 
 
+def search_step(args) -> None:
+    """Step 4: stage247 on the study's data, resumed if it was interrupted (its run folder: --runs/SEARCH)."""
+    search(args, SEARCH, OUT / "search")
+
+
 # ---------------------------------------------------------------- the report, from the JSON figures alone
+
+def search_lines() -> list[str]:
+    """The search's cost and its best trial, base-preset trial and top-3 ensemble on dev (search/report.json)."""
+    path = OUT / "search" / "report.json"
+    if not path.exists():
+        return ["Not run yet (`python scripts/study_squad_v2.py` runs it after the presets).", ""]
+    r = json.loads(path.read_text())
+    cost, teachers = r["cost"], list(r["held_out"]["table"])
+    lines = [f"`python -m cube_ray.tune --space stage247` on the same data, every model picked on val, dev scored "
+             f"after the search ([its report](search/report.md)): {cost['trials']} trials in "
+             f"{cost['wall_s'] / 60:.0f} min, {cost['stopped_by_asha']} stopped by ASHA "
+             f"({cost['stopped_by_asha'] / cost['trials']:.0%}), {cost['complete'] + cost['early_stop']} trained "
+             f"their whole budget (max_t) or stopped on patience, {cost['time_budget']} cut by the time budget, "
+             f"{cost['errors']} errors; {cost['cpu_hours']:.1f} CPU-hours.", "",
+             "| dev MRR, one seed (the search's) | " + " | ".join(teachers) + " |", "|---|" + "---|" * len(teachers)]
+    rows = {"search's best trial": {t: r["held_out"]["table"][t]["model"]["mrr"] for t in teachers},
+            "base preset's trial (`default`)": {t: r["base_preset"]["held_out"]["table"][t]["model"]["mrr"] for t in teachers},
+            "top-3 ensemble": {t: r["ensemble"]["table"][t]["ensemble"]["mrr"] for t in teachers}}
+    rows |= {b.replace("_", " "): {t: r["held_out"]["table"][t][b]["mrr"] for t in teachers}
+             for b in ("identity", "linear_adapter")}
+    lines += [f"| {name} | " + " | ".join(f"{v[t]:.4f}" for t in teachers) + " |" for name, v in rows.items()]
+    top = sorted(r["importance"].items(), key=lambda kv: -kv[1])[:6]
+    return lines + ["", f"Best trial `{r['best']['trial']}` (val {r['best']['eval']:.4f}; the base preset's "
+                        f"{r['base_preset']['eval']:.4f}). Parameter importance (Optuna, val): "
+                        + ", ".join(f"`{k}` {v:.2f}" for k, v in top) + ".", "",
+                    "![parameter importance](search/importance.png)", ""]
+
 
 def load_runs() -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")),
@@ -237,7 +272,7 @@ def report() -> Path:
     lines += criteria_lines(runs)
     lines += ["", "Cost: " + ", ".join(f"{r['name']} {r['fit_seconds'] / 60:.1f} min ({len(r['history'])} epochs)"
                                        for r in runs) + ".", "", "![val learning curves](curves.png)", "",
-              "## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
+              "## The search (stage247)", ""] + search_lines() + ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
     notes = OUT / "notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -258,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.15, help="train documents held out to pick models")
     p.add_argument("--presets", default="default,cosine", help="training presets (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of each preset (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=200, help="the search's trials at most (default: %(default)s)")
+    p.add_argument("--budget-s", type=int, default=3600, help="the search's time budget (default: %(default)s)")
+    p.add_argument("--max-epochs", type=int, default=3, help="epochs per search trial (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad_v2/*.json")
     args = p.parse_args(argv)
     if not args.report_only:
@@ -268,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         args.presets = args.presets.split(",")
         OUT.mkdir(parents=True, exist_ok=True)
         preset_runs(args, data_step(args))
+        search_step(args)
     print(report())
     return 0
 
