@@ -135,7 +135,9 @@ def init_ray(address: str | None = None) -> None:
         # Without an address, Ray's state API asks the newest cluster of this host: with a second one started later
         # (another search, a test run), Ray Train's placement-group cleaner asked that one whether this cluster's
         # run controller lived, was told no, and removed a live run's workers. Its own dashboard, for every process.
-        if API_SERVER_ENV not in os.environ and starts_own_cluster():
+        # An address inherited from a parent that started a cluster of its own (the SQuAD study's script, then its
+        # search in a subprocess) names the parent's cluster: a cluster started here replaces it.
+        if starts_own_cluster():
             port = free_ports(1)[0]
             os.environ[API_SERVER_ENV], own["dashboard_port"] = f"http://127.0.0.1:{port}", port
     ctx = ray.init(address=address, include_dashboard=None, logging_level=logging.WARNING, **own)

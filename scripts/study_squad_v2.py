@@ -112,6 +112,9 @@ def preset_runs(args, data) -> None:
 
 def search_step(args) -> None:
     """Step 4: stage247 on the study's data, resumed if it was interrupted (its run folder: --runs/SEARCH)."""
+    import ray
+
+    ray.shutdown()  # the steps before started Ray here; the search starts its own in its process, one at a time
     search(args, SEARCH, OUT / "search")
 
 
@@ -132,8 +135,9 @@ def search_lines() -> list[str]:
              f"{cost['errors']} errors; {cost['cpu_hours']:.1f} CPU-hours.", "",
              "| dev MRR, one seed (the search's) | " + " | ".join(teachers) + " |", "|---|" + "---|" * len(teachers)]
     rows = {"search's best trial": {t: r["held_out"]["table"][t]["model"]["mrr"] for t in teachers},
-            "base preset's trial (`default`)": {t: r["base_preset"]["held_out"]["table"][t]["model"]["mrr"] for t in teachers},
-            "top-3 ensemble": {t: r["ensemble"]["table"][t]["ensemble"]["mrr"] for t in teachers}}
+            "base preset's trial (`default`)": {t: r["base_preset"]["held_out"]["table"][t]["model"]["mrr"] for t in teachers}}
+    if r["ensemble"]:  # none with fewer than 3 trials that trained an epoch
+        rows["top-3 ensemble"] = {t: r["ensemble"]["table"][t]["ensemble"]["mrr"] for t in teachers}
     rows |= {b.replace("_", " "): {t: r["held_out"]["table"][t][b]["mrr"] for t in teachers}
              for b in ("identity", "linear_adapter")}
     lines += [f"| {name} | " + " | ".join(f"{v[t]:.4f}" for t in teachers) + " |" for name, v in rows.items()]

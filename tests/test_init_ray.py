@@ -35,6 +35,36 @@ print("AFTER", ray.get(probe.own_state.remote()), flush=True)
 """
 
 
+# A process that started its own cluster runs a child that starts another (the SQuAD study's script and its search):
+# the child inherits the parent's RAY_API_SERVER_ADDRESS.
+PARENT = """
+import subprocess
+import sys
+from cube_ray.cli import init_ray
+
+init_ray()
+sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1]]).returncode)
+"""
+
+CHILD = """
+import ray
+from cube_ray.cli import init_ray
+
+init_ray()
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def own_state(self):
+        from ray.util.state import get_actor
+        found = get_actor(ray.get_runtime_context().get_actor_id(), timeout=30)
+        return None if found is None else found.state
+
+
+print("CHILD", ray.get(Probe.remote().own_state.remote()), flush=True)
+"""
+
+
 def line_starting(proc: subprocess.Popen, prefix: str) -> str:
     for line in proc.stdout:
         if line.startswith(prefix):
@@ -64,3 +94,16 @@ def test_an_own_cluster_asks_its_own_state_api_while_a_newer_cluster_runs():
     finally:
         if probe.poll() is None:
             probe.kill()
+
+
+def test_a_child_process_that_starts_its_own_cluster_asks_its_own_state_api():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    if not starts_own_cluster():
+        pytest.skip("a Ray cluster already runs on this host: both processes would join it")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert line_starting(parent, "CHILD") == "ALIVE"  # with the parent's address inherited: None
+        assert parent.wait(timeout=120) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
