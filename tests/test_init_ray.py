@@ -30,13 +30,14 @@ class Probe:
 
 probe = Probe.remote()
 print("BEFORE", ray.get(probe.own_state.remote()), flush=True)
-sys.stdin.readline()  # the test starts a newer cluster meanwhile
-print("AFTER", ray.get(probe.own_state.remote()), flush=True)
+if "--newer" in sys.argv:
+    sys.stdin.readline()  # the test starts a newer cluster meanwhile
+    print("AFTER", ray.get(probe.own_state.remote()), flush=True)
 """
 
 
-# A process that started its own cluster runs a child that starts another (the SQuAD study's script and its search):
-# the child inherits the parent's RAY_API_SERVER_ADDRESS.
+# A process that started its own cluster runs a child (PROBE) that starts another, as the SQuAD study's script runs its
+# search: the child inherits the parent's RAY_API_SERVER_ADDRESS.
 PARENT = """
 import subprocess
 import sys
@@ -44,24 +45,6 @@ from cube_ray.cli import init_ray
 
 init_ray()
 sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1]]).returncode)
-"""
-
-CHILD = """
-import ray
-from cube_ray.cli import init_ray
-
-init_ray()
-
-
-@ray.remote(num_cpus=0)
-class Probe:
-    def own_state(self):
-        from ray.util.state import get_actor
-        found = get_actor(ray.get_runtime_context().get_actor_id(), timeout=30)
-        return None if found is None else found.state
-
-
-print("CHILD", ray.get(Probe.remote().own_state.remote()), flush=True)
 """
 
 
@@ -78,7 +61,7 @@ def test_an_own_cluster_asks_its_own_state_api_while_a_newer_cluster_runs():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     if not starts_own_cluster():  # ray.init() would join the host's running cluster (as Ray users expect)
         pytest.skip("a Ray cluster already runs on this host: the probe would join it instead of starting its own")
-    probe = subprocess.Popen([sys.executable, "-c", PROBE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, "--newer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env=env)
     try:
         assert line_starting(probe, "BEFORE") == "ALIVE"
@@ -100,9 +83,9 @@ def test_a_child_process_that_starts_its_own_cluster_asks_its_own_state_api():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     if not starts_own_cluster():
         pytest.skip("a Ray cluster already runs on this host: both processes would join it")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, PROBE], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert line_starting(parent, "CHILD") == "ALIVE"  # with the parent's address inherited: None
+        assert line_starting(parent, "BEFORE") == "ALIVE"  # the child's own actor; with the parent's address: None
         assert parent.wait(timeout=120) == 0
     finally:
         if parent.poll() is None:
