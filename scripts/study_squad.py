@@ -39,7 +39,7 @@ ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "
 
 def search(args, name: str = NAME, dest: Path = OUT / "search") -> Path:
     """Step 1: the search (its own process: Tune's status table and the extraction's progress show as usual), its
-    small figures copied to `dest`. `args`: runs, store, limit, val_fraction, num_samples, budget_s, max_epochs."""
+    small figures copied to `dest`. `args`: the flags of `add_search_args`."""
     exp = Path(args.runs) / name
     if not (exp / "report.json").exists():
         cmd = [sys.executable, "-m", "cube_ray.tune", "--space", "stage247", "--out", str(args.runs), "--name", name,
@@ -362,17 +362,22 @@ def report() -> Path:
     return OUT / "report.md"
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_search_args(p: argparse.ArgumentParser, runs: Path, num_samples: int, budget_s: int) -> None:
+    """The flags `search` reads (both studies): data, store, run folders and the search's budget."""
     from cube_ray.cli import default_store
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default=default_store(), help="embedding store (default: %(default)s)")
-    p.add_argument("--runs", default=str(ROOT / "results" / "squad_runs"), help="search and retrain folders (checkpoints)")
+    p.add_argument("--runs", default=str(runs), help="the search's and the training runs' folders (checkpoints)")
     p.add_argument("--limit", type=int, default=20000, help="SQuAD train pairs (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="train documents held out to pick models")
-    p.add_argument("--num-samples", type=int, default=40, help="trials at most (default: %(default)s)")
-    p.add_argument("--budget-s", type=int, default=3000, help="the search's time budget (default: %(default)s)")
-    p.add_argument("--max-epochs", type=int, default=3, help="epochs per trial and retrain at most (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=num_samples, help="the search's trials at most (default: %(default)s)")
+    p.add_argument("--budget-s", type=int, default=budget_s, help="the search's time budget (default: %(default)s)")
+    p.add_argument("--max-epochs", type=int, default=3, help="epochs per search trial at most (default: %(default)s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_search_args(p, ROOT / "results" / "squad_runs", num_samples=40, budget_s=3000)  # retrains train --max-epochs too
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad/*.json")
     args = p.parse_args(argv)
     if not args.report_only:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_squad import SQUAD, search, spread
+from study_squad import SQUAD, add_search_args, search, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "study_squad_v2"
@@ -101,8 +101,7 @@ def preset_runs(args, data) -> None:
         table = with_criteria({t: {"model": model[t], **base[t]} for t in model}, loaded)
         figures.write_text(json.dumps({
             "name": name, "preset": preset, "config": {k: v for k, v in to_dict(cfg).items() if k != "data"},
-            "seed": seed, "center": center, "epochs": cfg.epochs, "fit_seconds": round(seconds, 1),
-            "held_out_pairs": len(loaded.held_out), "max_steps": cfg.cube.max_steps, "min_steps": cfg.cube.min_steps,
+            "seed": seed, "center": center, "fit_seconds": round(seconds, 1), "held_out_pairs": len(loaded.held_out),
             "mix": dict(zip(loaded.student.teachers, loaded.student.residual_mix.tolist())),
             "history": history, "table": table}, indent=1))
         print(f"{name}: " + ", ".join(f"{t} MRR {rows['model']['mrr']:.3f} (identity {rows['identity']['mrr']:.3f}, "
@@ -192,7 +191,7 @@ def criteria_lines(runs: list[dict]) -> list[str]:
         lines.append(f"| {r['name']} | " + " | ".join(
             f"{r['table'][t]['criteria']['reconstruction_cos']['value']:.3f}" for t in teachers)
             + " | " + ", ".join(f"{t} {m:.1f}" for t, m in r["mix"].items())
-            + f" | {best['expected_steps']:.2f} of {r['min_steps']}-{r['max_steps']} | "
+            + f" | {best['expected_steps']:.2f} of {r['config']['cube']['min_steps']}-{r['config']['cube']['max_steps']} | "
             + " | ".join(f"{r['table'][t]['model']['steps']:.2f}" for t in teachers) + " |")
     return lines
 
@@ -256,7 +255,7 @@ def report() -> Path:
               "Each preset of `cube_ray/train/presets/` as it ships (`default`: the cube with InfoNCE alone on batches of "
               "256 and a linear path beside the cube; `cosine`, the default before this study: cosine to the gold "
               "answer plus InfoNCE at 0.5 on batches of 64), residual mix picked on val, "
-              f"{runs[0]['epochs']} epochs at most, one multi-teacher student per run (a row in each teacher space), "
+              f"{runs[0]['config']['epochs']} epochs at most, one multi-teacher student per run (a row in each teacher space), "
               "with every teacher's train mean subtracted from inputs, targets, pool and baselines (centred) or not "
               f"(raw). Cube: mean ± sd over seeds; pool: dev's de-duplicated answers ({runs[0]['held_out_pairs']:,} "
               "queries). cos is the mean cosine of each prediction to its gold answer in the row's space; in the raw rows "
@@ -288,18 +287,10 @@ def report() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cube_ray.cli import default_store
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", default=default_store(), help="embedding store (default: %(default)s)")
-    p.add_argument("--runs", default=str(ROOT / "results" / "squad_v2_runs"), help="run folders (checkpoints)")
-    p.add_argument("--limit", type=int, default=20000, help="SQuAD train pairs (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="train documents held out to pick models")
+    add_search_args(p, ROOT / "results" / "squad_v2_runs", num_samples=200, budget_s=3600)
     p.add_argument("--presets", default="default,cosine", help="training presets (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of each preset (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=200, help="the search's trials at most (default: %(default)s)")
-    p.add_argument("--budget-s", type=int, default=3600, help="the search's time budget (default: %(default)s)")
-    p.add_argument("--max-epochs", type=int, default=3, help="epochs per search trial (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from results/study_squad_v2/*.json")
     args = p.parse_args(argv)
     if not args.report_only:
