@@ -55,12 +55,17 @@ def line_starting(proc: subprocess.Popen, prefix: str) -> str:
     raise AssertionError(f"the probe ended before printing {prefix}: exit {proc.wait()}")
 
 
-def test_an_own_cluster_asks_its_own_state_api_while_a_newer_cluster_runs():
-    from ray.cluster_utils import Cluster
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+@pytest.fixture
+def env() -> dict[str, str]:
+    """This process's environment without a Ray address, where init_ray starts a cluster of its own."""
     if not starts_own_cluster():  # ray.init() would join the host's running cluster (as Ray users expect)
         pytest.skip("a Ray cluster already runs on this host: the probe would join it instead of starting its own")
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+
+
+def test_an_own_cluster_asks_its_own_state_api_while_a_newer_cluster_runs(env):
+    from ray.cluster_utils import Cluster
+
     probe = subprocess.Popen([sys.executable, "-c", PROBE, "--newer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env=env)
     try:
@@ -79,10 +84,7 @@ def test_an_own_cluster_asks_its_own_state_api_while_a_newer_cluster_runs():
             probe.kill()
 
 
-def test_a_child_process_that_starts_its_own_cluster_asks_its_own_state_api():
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    if not starts_own_cluster():
-        pytest.skip("a Ray cluster already runs on this host: both processes would join it")
+def test_a_child_process_that_starts_its_own_cluster_asks_its_own_state_api(env):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, PROBE], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert line_starting(parent, "BEFORE") == "ALIVE"  # the child's own actor; with the parent's address: None
