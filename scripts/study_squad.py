@@ -69,7 +69,9 @@ def save_search(exp: Path, dest: Path) -> None:
     search = load_yaml(SearchConfig, exp / "search.yaml")
     trials = [{"id": t.id, "status": t.status, "params": t.params, "epochs_planned": t.config.epochs,
                "history": [{k: r[k] for k in ("epoch", "eval", "time_s", "expected_steps", "samples_per_s") if k in r}
-                           for r in t.history]} for t in load_trials(exp, budget=bool(search.time_budget_s))]
+                           for r in t.history],
+               "rounds": [{k: r[k] for k in ("samples_seen", "round_eval", "time_s") if k in r} for r in t.rounds]}
+              for t in load_trials(exp, budget=bool(search.time_budget_s))]
     (dest / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
 
 
@@ -191,14 +193,20 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def choice_table(trials: list[dict]) -> list[tuple[str, str, int, float, float]]:
-    """Per architecture choice: trials, mean and best eval at epoch 1 (every trial has it: a fair comparison)."""
+def epoch_one(trial: dict) -> float | None:
+    """A trial's val score after its first epoch, if it trained one."""
+    return trial["history"][0]["eval"] if trial["history"] else None
+
+
+def choice_table(trials: list[dict], params=ARCHITECTURE, score=epoch_one) -> list[tuple[str, str, int, float, float]]:
+    """Per value of each parameter: trials, mean and best `score` (by default val at epoch 1, which every trial that
+    trained an epoch has: no value is favoured by running longer). Trials whose score is None are left out."""
     rows = []
-    for param in ARCHITECTURE:
+    for param in params:
         groups: dict[str, list[float]] = {}
         for t in trials:
-            if t["history"] and param in t["params"]:
-                groups.setdefault(json.dumps(t["params"][param]), []).append(t["history"][0]["eval"])
+            if score(t) is not None and param in t["params"]:
+                groups.setdefault(json.dumps(t["params"][param]), []).append(score(t))
         for value, evals in sorted(groups.items(), key=lambda kv: -statistics.mean(kv[1])):
             rows.append((param, value, len(evals), statistics.mean(evals), max(evals)))
     return rows

@@ -1,4 +1,5 @@
-"""The SQuAD study, second round: the training presets (residual students) against the four baselines, 3 seeds.
+"""The SQuAD study, second round: the training presets and the search's best configs (residual students) against the
+four baselines, 3 seeds.
 
     python scripts/study_squad_v2.py [--store DIR] [--runs DIR] [--presets default,cosine] [--seeds 0,1,2]
     python scripts/study_squad_v2.py --report-only     # report.md and plots from results/study_squad_v2/*.json
@@ -13,7 +14,10 @@ study continues where it stopped:
 3. the baselines on dev (identity, mean answer, ridge, linear adapter), raw and centred, fitted on train;
 4. the search: `python -m cube_ray.tune --space stage247` on the same data (`--budget-s` of trials, `--max-epochs`
    per trial, picked on val), its report, plots and trial histories copied to search/;
-5. report.md, study.json and plots, from the JSON figures alone.
+5. the search's 3 best configs (ranked on val) retrained like the presets (the default's epochs, patience and
+   workers), each seed, centred and raw, and scored as in step 2: the best one's runs first;
+6. per seed and centring, the ensemble of those 3 runs (predictions averaged) scored on dev;
+7. report.md, study.json and plots, from the JSON figures alone.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_squad import SQUAD, add_search_args, search, spread
+from study_squad import SQUAD, add_search_args, choice_table, search, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "study_squad_v2"
@@ -33,14 +37,40 @@ SEARCH = "squad-v2-stage247"  # the search's experiment folder under --runs
 PRESETS = ROOT / "cube_ray" / "train" / "presets"
 METRICS = ("cos", "r1", "r5", "mrr")
 MODES = {True: "centred", False: "raw"}
+# The plan's approaches the search chose between (stage247's space), and what a trial costs: compared per value below.
+APPROACHES = ("stages", "fusion", "cube/mixer", "cube/attention", "cube/skip_linear", "cube/skip_input",
+              "cube/channels", "cube/max_steps", "adapter/strategy", "batch_size")
+SAMPLED = ("stages", "fusion", "cube/mixer", "cube/channels", "cube/max_steps", "loss/cosine", "loss/infonce", "lr",
+           "batch_size")  # the columns of the per-trial table
+PRESET_NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
-def preset_config(preset: str, seed: int, center: bool, limit: int, val_fraction: float):
-    from cube_ray.config import DataConfig, TrainConfig, load_yaml
+def preset(name: str):
+    from cube_ray.config import TrainConfig, load_yaml
+
+    return load_yaml(TrainConfig, PRESETS / f"{name}.yaml")
+
+
+def searched_configs(exp: Path) -> dict[str, object]:
+    """The search's TOP best trials' configs ("search1" the best), ranked on val as its report ranks them, each
+    given the default preset's training budget (epochs, patience) and workers: retrained as the presets are, not as
+    the search screened them."""
+    from cube_ray.ensemble import TOP
+    from cube_ray.trials import load_trials, ranked, with_checkpoint
+
+    default = preset("default")
+    trials = with_checkpoint(ranked(load_trials(exp)))[:TOP]
+    budget = {k: getattr(default, k) for k in ("epochs", "patience", "workers", "cpus_per_worker")}
+    return {f"search{i}": dataclasses.replace(t.config, **budget) for i, t in enumerate(trials, 1)}
+
+
+def study_config(base, seed: int, center: bool, limit: int, val_fraction: float):
+    """`base` (a preset or a searched config) on the study's data, with this seed and centring."""
+    from cube_ray.config import DataConfig
 
     data = DataConfig(pairs=str(SQUAD / "train.jsonl.gz"), eval_pairs=str(SQUAD / "dev.jsonl.gz"), limit=limit,
                       decontaminate=True, val_fraction=val_fraction, seed=0)  # one split for every seed
-    return dataclasses.replace(load_yaml(TrainConfig, PRESETS / f"{preset}.yaml"), data=data, seed=seed, center=center)
+    return dataclasses.replace(base, data=data, seed=seed, center=center)
 
 
 def data_step(args) -> object:
@@ -49,7 +79,7 @@ def data_step(args) -> object:
     from cube_ray.train.run import prepare_run
 
     start = time.perf_counter()
-    data = prepare_run(preset_config(args.presets[0], 0, True, args.limit, args.val_fraction), args.store)
+    data = prepare_run(study_config(preset(args.presets[0]), 0, True, args.limit, args.val_fraction), args.store)
     store = EmbeddingStore(args.store)
     manifest = json.loads((store.dataset_dir(data.dataset_id) / "manifest.json").read_text())
     teachers = {}
@@ -65,15 +95,17 @@ def data_step(args) -> object:
     return data
 
 
-def run_plan(presets: list[str], seeds: list[int]) -> list[tuple[str, str, int, bool]]:
-    """(run name, preset, seed, centred) in the order they run: both centrings of a seed before the next seed, and
-    every preset's seed before the next seed, so an interrupted study has every kind of row."""
-    return [(f"{preset}-{MODES[center]}-seed{seed}", preset, seed, center)
-            for seed in seeds for preset in presets for center in (True, False)]
+def run_plan(groups: list[list[str]], seeds: list[int]) -> list[tuple[str, str, int, bool]]:
+    """(run name, config name, seed, centred) in the order they run: one group of configs after another; within a
+    group both centrings of a seed before the next seed, and every config's seed before the next seed, so an
+    interrupted study has every kind of row."""
+    return [(f"{name}-{MODES[center]}-seed{seed}", name, seed, center)
+            for group in groups for seed in seeds for name in group for center in (True, False)]
 
 
-def preset_runs(args, data) -> None:
-    """Step 2 (and 3 on the way): each run trained, then its best_eval/ scored on dev."""
+def train_runs(args, data, configs: dict[str, object], groups: list[list[str]]) -> None:
+    """Steps 2 and 5 (and 3 on the way): each run of `groups` (names of `configs`) trained, then its best_eval/
+    scored on dev."""
     import torch
 
     from cube_ray.config import to_dict
@@ -83,11 +115,11 @@ def preset_runs(args, data) -> None:
 
     torch.use_deterministic_algorithms(True)  # the evaluation here (training runs in Ray's workers)
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
-    for name, preset, seed, center in run_plan(args.presets, args.seeds):
+    for name, config, seed, center in run_plan(groups, args.seeds):
         figures = OUT / "runs" / f"{name}.json"
         if figures.exists():
             continue
-        cfg = preset_config(preset, seed, center, args.limit, args.val_fraction)
+        cfg = study_config(configs[config], seed, center, args.limit, args.val_fraction)
         run_dir = Path(args.runs) / name
         start = time.perf_counter()
         history = fit(cfg, args.store, run_dir, resume=(run_dir / "latest").exists(), data=data).history
@@ -100,7 +132,7 @@ def preset_runs(args, data) -> None:
         model = student_metrics(loaded.student, loaded.held_out)
         table = with_criteria({t: {"model": model[t], **base[t]} for t in model}, loaded)
         figures.write_text(json.dumps({
-            "name": name, "preset": preset, "config": {k: v for k, v in to_dict(cfg).items() if k != "data"},
+            "name": name, "preset": config, "config": {k: v for k, v in to_dict(cfg).items() if k != "data"},
             "seed": seed, "center": center, "fit_seconds": round(seconds, 1), "held_out_pairs": len(loaded.held_out),
             "mix": dict(zip(loaded.student.teachers, loaded.student.residual_mix.tolist())),
             "history": history, "table": table}, indent=1))
@@ -109,12 +141,33 @@ def preset_runs(args, data) -> None:
                                       for t, rows in table.items()), flush=True)
 
 
-def search_step(args) -> None:
+def search_step(args) -> Path:
     """Step 4: stage247 on the study's data, resumed if it was interrupted (its run folder: --runs/SEARCH)."""
     import ray
 
     ray.shutdown()  # the steps before started Ray here; the search starts its own in its process, one at a time
-    search(args, SEARCH, OUT / "search")
+    return search(args, SEARCH, OUT / "search")
+
+
+def ensemble_runs(args, names: list[str]) -> None:
+    """Step 6: per seed and centring, the runs of `names` (the search's top configs, retrained with that seed) as one
+    ensemble (cube_ray.ensemble: predictions averaged in each teacher space) scored on dev."""
+    from cube_ray.ensemble import ensemble_table
+
+    (OUT / "ensembles").mkdir(exist_ok=True)
+    for seed in args.seeds:
+        for center in (True, False):
+            figures = OUT / "ensembles" / f"{MODES[center]}-seed{seed}.json"
+            runs = [f"{name}-{MODES[center]}-seed{seed}" for name in names]
+            if figures.exists() or not all((OUT / "runs" / f"{run}.json").exists() for run in runs):
+                continue
+            result = ensemble_table([Path(args.runs) / run / "best_eval" for run in runs], with_baselines=False)
+            figures.write_text(json.dumps({"name": f"ensemble-{MODES[center]}-seed{seed}", "preset": "ensemble",
+                                           "members": runs, "seed": seed, "center": center, "table": {
+                                               t: {"model": rows["ensemble"]} for t, rows in result["table"].items()}},
+                                          indent=1))
+            print(f"{figures.stem}: " + ", ".join(f"{t} MRR {rows['ensemble']['mrr']:.4f}"
+                                                  for t, rows in result["table"].items()), flush=True)
 
 
 # ---------------------------------------------------------------- the report, from the JSON figures alone
@@ -147,17 +200,64 @@ def search_lines() -> list[str]:
                     "![parameter importance](search/importance.png)", ""]
 
 
-def load_runs() -> list[dict]:
-    return sorted((json.loads(p.read_text()) for p in (OUT / "runs").glob("*.json")),
-                  key=lambda r: (r["preset"], not r["center"], r["seed"]))
+def first_rung(trial: dict) -> float | None:
+    """A trial's score on the fixed val slice after its first round (ASHA's grace period): every trial that
+    reported has it, whatever ASHA did next."""
+    return trial["rounds"][0]["round_eval"] if trial.get("rounds") else None
+
+
+def learned_lines() -> list[str]:
+    """What the search learned and did: each approach's values compared at the first rung and at epoch 1, and every
+    trial in the order TPE proposed it, with what ASHA did to it (search/trials.json)."""
+    path = OUT / "search" / "trials.json"
+    if not path.exists():
+        return []
+    trials = json.loads(path.read_text())
+    lines = ["**What the search learned.** Each approach's values, compared on the first rung (the val slice after "
+             "ASHA's grace period, which every trial reached) and after epoch 1 (the whole val split; only the trials "
+             "ASHA let train that far). Residual students are not a choice here: every trial is one (the base preset's "
+             "`cube.residual`); the residual mix in the table above says how much of the cube each space keeps.", "",
+             "| parameter | value | trials (rung) | mean / best at the first rung | trials (epoch 1) | mean / best at epoch 1 |",
+             "|---|---|---|---|---|---|"]
+    epoch = {(p, v): (n, m, b) for p, v, n, m, b in choice_table(trials, APPROACHES)}
+    for p, v, n, m, b in choice_table(trials, APPROACHES, first_rung):
+        e = epoch.get((p, v))
+        lines.append(f"| `{p}` | {v} | {n} | {m:.4f} / {b:.4f} | "
+                     + (f"{e[0]} | {e[1]:.4f} / {e[2]:.4f} |" if e else "0 | |"))
+    lines += ["", "**What TPE sampled and ASHA stopped**, in the order the trials were proposed (the first is the "
+              "default preset, enqueued; TPE models after 4 random ones):", "",
+              "| # | status | samples trained | first rung | best val | " + " | ".join(f"`{p}`" for p in SAMPLED) + " |",
+              "|---|---|---|---|---|" + "---|" * len(SAMPLED)]
+    for i, t in enumerate(trials):
+        scores = (first_rung(t), max((h["eval"] for h in t["history"]), default=None))
+        cells = [f"{v:.3g}" if isinstance(v := t["params"].get(p, ""), float) else str(v) for p in SAMPLED]
+        lines.append(f"| {i} | {t['status']} | {t['rounds'][-1]['samples_seen'] if t.get('rounds') else 0:,} | "
+                     + " | ".join("" if v is None else f"{v:.4f}" for v in scores) + " | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def load_rows(folder: str) -> list[dict]:
+    """The figures of runs/ (trained models) or ensembles/, presets first, then the search's configs."""
+    return sorted((json.loads(p.read_text()) for p in (OUT / folder).glob("*.json")),
+                  key=lambda r: (r["preset"].startswith("search"), r["preset"], not r["center"], r["seed"]))
 
 
 def presets_of(runs: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["preset"] for r in runs))
 
 
+def label(config: str) -> str:
+    """How a row's config reads in the report: a preset, one of the search's top configs, or their ensemble."""
+    if config == "ensemble":
+        return "ensemble of the search's top 3"
+    if config.startswith("search"):
+        return f"search's config #{config.removeprefix('search')}"
+    return f"preset `{config}`"
+
+
 def results_table(runs: list[dict], mode: str, teacher: str) -> tuple[list[str], list[str]]:
-    """One space's rows (each preset's mean ± sd over seeds, then the baselines) and a verdict per preset."""
+    """One space's rows (each config's mean ± sd over seeds, then the baselines) and a verdict per config: against
+    the baselines, and (the search's) against the default preset. `runs`: trained runs first, then ensembles."""
     from cube_ray.baselines import BASELINES
 
     mine = [r for r in runs if MODES[r["center"]] == mode]
@@ -170,12 +270,19 @@ def results_table(runs: list[dict], mode: str, teacher: str) -> tuple[list[str],
     for preset in presets_of(mine):
         ours = [r for r in mine if r["preset"] == preset]
         mrr = [r["table"][teacher]["model"]["mrr"] for r in ours]
-        lines.append(f"| cube, preset `{preset}` | {', '.join(str(r['seed']) for r in ours)} | " + " | ".join(
+        lines.append(f"| cube, {label(preset)} | {', '.join(str(r['seed']) for r in ours)} | " + " | ".join(
             spread([r["table"][teacher]["model"][m] for r in ours], 4 if m == "mrr" else 3) for m in METRICS) + " |")
         beaten = [b.replace("_", " ") for b in BASELINES if min(mrr) > base[b]["mrr"]]
-        verdicts.append(f"{teacher} {mode}, preset `{preset}`: MRR {spread(mrr, 4)} against the best baseline, "
-                        f"{best.replace('_', ' ')}, {base[best]['mrr']:.4f} ({min(mrr) - base[best]['mrr']:+.5f} for "
-                        f"the worst seed). Beaten on every seed: {', '.join(beaten) or 'none'}.")
+        verdict = (f"{teacher} {mode}, {label(preset)}: MRR {spread(mrr, 4)} against the best baseline, "
+                   f"{best.replace('_', ' ')}, {base[best]['mrr']:.4f} ({min(mrr) - base[best]['mrr']:+.5f} for "
+                   f"the worst seed). Beaten on every seed: {', '.join(beaten) or 'none'}.")
+        default = [r["table"][teacher]["model"]["mrr"] for r in mine if r["preset"] == "default"]
+        if preset not in PRESET_NAMES and default:
+            verdict += (f" Against the default preset ({spread(default, 4)}): "
+                        f"{statistics.mean(mrr) - statistics.mean(default):+.4f} in the mean, "
+                        + ("better on every seed." if min(mrr) > max(default) else
+                           "worse on every seed." if max(mrr) < min(default) else "the seeds overlap."))
+        verdicts.append(verdict)
     lines += [f"| {b.replace('_', ' ')} | | " + " | ".join(f"{base[b][m]:.{4 if m == 'mrr' else 3}f}" for m in METRICS)
               + " |" for b in BASELINES]
     return lines + [""] + [line for v in verdicts for line in (v, "")], verdicts
@@ -183,20 +290,22 @@ def results_table(runs: list[dict], mode: str, teacher: str) -> tuple[list[str],
 
 def criteria_lines(runs: list[dict]) -> list[str]:
     teachers = list(runs[0]["table"])
-    lines = ["| run | " + " | ".join(f"reconstruction cosine ({t})" for t in teachers) + " | residual mix | "
-             "E[steps] at the best epoch (train) | " + " | ".join(f"steps on dev ({t})" for t in teachers) + " |",
-             "|---|" + "---|" * (2 * len(teachers) + 2)]
+    lines = ["| run | " + " | ".join(f"reconstruction cosine ({t})" for t in teachers) + " | cross-teacher share | "
+             "residual mix | E[steps] at the best epoch (train) | "
+             + " | ".join(f"steps on dev ({t})" for t in teachers) + " |", "|---|" + "---|" * (2 * len(teachers) + 3)]
     for r in runs:
         best = max(r["history"], key=lambda h: h["eval"])
+        shares = [f"{t.split('/')[1]} → {u} {c['value']:.2f}" for u in teachers
+                  for t, c in r["table"][u]["criteria"].items() if t.startswith("cross_teacher_share/")]
         lines.append(f"| {r['name']} | " + " | ".join(
             f"{r['table'][t]['criteria']['reconstruction_cos']['value']:.3f}" for t in teachers)
-            + " | " + ", ".join(f"{t} {m:.1f}" for t, m in r["mix"].items())
+            + f" | {', '.join(shares) or 'n/a'} | " + ", ".join(f"{t} {m:.1f}" for t, m in r["mix"].items())
             + f" | {best['expected_steps']:.2f} of {r['config']['cube']['min_steps']}-{r['config']['cube']['max_steps']} | "
             + " | ".join(f"{r['table'][t]['model']['steps']:.2f}" for t in teachers) + " |")
     return lines
 
 
-def plots(runs: list[dict]) -> None:
+def plots(runs: list[dict], ensembles: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,25 +317,28 @@ def plots(runs: list[dict]) -> None:
     panels = [(mode, t) for mode in MODES.values() for t in teachers if any(MODES[r["center"]] == mode for r in runs)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False)
     for ax, (mode, teacher) in zip(axes[0], panels):
-        mine = [r for r in runs if MODES[r["center"]] == mode]
-        presets = presets_of(mine)
-        mrr = [[r["table"][teacher]["model"]["mrr"] for r in mine if r["preset"] == p] for p in presets]
+        mine = [r for r in runs + ensembles if MODES[r["center"]] == mode]
+        configs = presets_of(mine)
+        mrr = [[r["table"][teacher]["model"]["mrr"] for r in mine if r["preset"] == c] for c in configs]
         values = [statistics.mean(m) for m in mrr] + [mine[0]["table"][teacher][b]["mrr"] for b in BASELINES]
         errors = [statistics.stdev(m) if len(m) > 1 else 0 for m in mrr] + [0] * len(BASELINES)
-        ax.bar(presets + [b.replace("_", " ") for b in BASELINES], values, yerr=errors, capsize=4,
-               color=["tab:blue", "tab:cyan"][:len(presets)] + ["tab:grey", "tab:orange", "tab:green", "tab:red"])
+        ax.bar(configs + [b.replace("_", " ") for b in BASELINES], values, yerr=errors, capsize=4,
+               color=[plt.cm.Blues(0.9 - 0.6 * i / len(configs)) for i in range(len(configs))]
+               + ["tab:grey", "tab:orange", "tab:green", "tab:red"])
         ax.set_title(f"{teacher}, {mode}", fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         ax.set_ylabel("MRR on SQuAD dev")
     fig.tight_layout()
     fig.savefig(OUT / "mrr.png", dpi=120)
-    fig, axes = plt.subplots(1, len(teachers), figsize=(5 * len(teachers), 3.8), squeeze=False)
+    colour = {c: f"C{i}" for i, c in enumerate(presets_of(runs))}
+    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         for r in runs:
-            ax.plot([h["epoch"] for h in r["history"]], [h[f"{teacher}/mrr"] for h in r["history"]],
-                    marker="os^"[r["seed"] % 3], ls="-" if r["center"] else "--", label=r["name"])
+            ax.plot([h["epoch"] for h in r["history"]], [h[f"{teacher}/mrr"] for h in r["history"]], lw=1,
+                    color=colour[r["preset"]], marker="os^"[r["seed"] % 3], ls="-" if r["center"] else "--",
+                    label=r["name"])
         ax.set(xlabel="epoch", ylabel="val MRR (after the residual mix)", title=teacher)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(OUT / "curves.png", dpi=120)
     plt.close("all")
@@ -235,9 +347,9 @@ def plots(runs: list[dict]) -> None:
 def report() -> Path:
     from cube_ray.criteria import THRESHOLDS
 
-    data, runs = json.loads((OUT / "data.json").read_text()), load_runs()
+    data, runs, ensembles = json.loads((OUT / "data.json").read_text()), load_rows("runs"), load_rows("ensembles")
     teachers = list(data["teachers"])
-    plots(runs)
+    plots(runs, ensembles)
     lines = ["# SQuAD study, second round: the training presets (residual students) against the baselines", "",
              "Regenerate: `python scripts/study_squad_v2.py` (every step not done yet; each finished one is skipped) "
              "or `python scripts/study_squad_v2.py --report-only` (this file and its plots, from the JSON beside it).",
@@ -251,11 +363,13 @@ def report() -> Path:
     lines += ["", "| teacher | texts | width | extraction (wall) | texts/s |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {i['texts']:,} | {i['width']} | {i['extract_seconds'] / 60:.1f} min | "
               f"{i['texts'] / i['extract_seconds']:.1f} |" for t, i in data["teachers"].items()]
-    lines += ["", "## The presets against the baselines on SQuAD dev", "",
+    lines += ["", "## The presets and the search's configs against the baselines on SQuAD dev", "",
               "Each preset of `cube_ray/train/presets/` as it ships (`default`: the cube with InfoNCE alone on batches of "
               "256 and a linear path beside the cube; `cosine`, the default before this study: cosine to the gold "
-              "answer plus InfoNCE at 0.5 on batches of 64), residual mix picked on val, "
-              f"{runs[0]['config']['epochs']} epochs at most, one multi-teacher student per run (a row in each teacher space), "
+              "answer plus InfoNCE at 0.5 on batches of 64); the search's 3 best configs (ranked on val; search below), "
+              "retrained with the default preset's epochs, patience and workers; and their ensemble (the 3 runs of one "
+              "seed and centring, predictions averaged in each teacher space: `cube_ray.ensemble`). Residual mix picked "
+              f"on val, {runs[0]['config']['epochs']} epochs at most, one multi-teacher student per run (a row in each teacher space), "
               "with every teacher's train mean subtracted from inputs, targets, pool and baselines (centred) or not "
               f"(raw). Cube: mean ± sd over seeds; pool: dev's de-duplicated answers ({runs[0]['held_out_pairs']:,} "
               "queries). cos is the mean cosine of each prediction to its gold answer in the row's space; in the raw rows "
@@ -264,18 +378,19 @@ def report() -> Path:
     verdicts = []
     for mode in MODES.values():
         for teacher in teachers:
-            table, found = results_table(runs, mode, teacher)
+            table, found = results_table(runs + ensembles, mode, teacher)
             lines += table
             verdicts += found
     lines += ["![MRR per teacher space](mrr.png)", "", "## The plan's criteria, residual mix and halting", "",
               f"Reconstruction cosine (threshold {THRESHOLDS['reconstruction_cos']}) on dev's questions and answers; the "
-              "cross-teacher share is n/a (these students are neither distilled nor fused). Residual mix: the share of "
+              f"cross-teacher share (threshold {THRESHOLDS['cross_teacher_share']}; fused students only): MRR from the "
+              "other teacher's questions over identity's. Residual mix: the share of "
               "the cube's change each teacher space keeps, picked on val at the best epoch. E[steps]: the halting "
               "distribution's expectation in training; steps on dev: what the gate ran.", ""]
     lines += criteria_lines(runs)
     lines += ["", "Cost: " + ", ".join(f"{r['name']} {r['fit_seconds'] / 60:.1f} min ({len(r['history'])} epochs)"
                                        for r in runs) + ".", "", "![val learning curves](curves.png)", "",
-              "## The search (stage247)", ""] + search_lines() + ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
+              "## The search (stage247)", ""] + search_lines() + learned_lines() + ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
     notes = OUT / "notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -300,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         args.store, args.seeds = str(Path(args.store).resolve()), [int(s) for s in args.seeds.split(",")]
         args.presets = args.presets.split(",")
         OUT.mkdir(parents=True, exist_ok=True)
-        preset_runs(args, data_step(args))
-        search_step(args)
+        data = data_step(args)
+        train_runs(args, data, {name: preset(name) for name in args.presets}, [args.presets])
+        searched = searched_configs(search_step(args))
+        # the search's Ray session ended with it, and the prepared data's shards with it: prepare again (cached)
+        train_runs(args, data_step(args), searched, [list(searched)[:1], list(searched)[1:]])  # the best first
+        ensemble_runs(args, list(searched))
     print(report())
     return 0
 
