@@ -24,7 +24,11 @@ INIT_FROM = "init_from.json"  # a run started from another's checkpoint: what it
 # What each report carries for Tune and Optuna (train/loop.py writes them, on each worker)
 ROUND_METRIC = "round_eval"  # the round's score on the picking split's fixed slice: ASHA's metric
 FINAL_METRIC = "best_eval"  # the best whole-split score so far: a complete trial's value
-STEP = "samples_seen"  # ASHA's time attribute and Optuna's step
+STEP = "samples_seen"  # Optuna's step: training samples so far, every stage's
+# ASHA's time attribute: training samples of the run's task (its last stage). A staged trial is scored on the task
+# from its first round, but only trains it in its last stage: counted in all its samples, every early rung judged it
+# on a task it had not trained yet, and ASHA stopped each one inside its first stage.
+TASK_STEP = "task_samples"
 DONE_TRAINING = "done_training"  # true in the report of a run's last epoch: Optuna is told COMPLETE
 
 # User attributes of the study's trials

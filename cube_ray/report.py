@@ -242,7 +242,7 @@ def build_report(exp: str | Path) -> Path:
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
              f"{selection} split's {metric.upper()} (mean over teachers {', '.join(teachers)}): every round of "
              f"{best.config.report_every_samples} training samples scores a fixed slice of it (`round_eval`, what ASHA "
-             f"compares, rungs in samples" + (f": grace {grace}" if grace else "") + (f", factor {factor}" if factor else "")
+             f"compares, rungs in samples of the task" + (f": grace {grace}" if grace else "") + (f", factor {factor}" if factor else "")
              + f"), every epoch's end the whole split (`eval`, which picks checkpoints); {best.config.epochs} epochs at "
              "most per trial. "
              + (f"The sampler started knowing {known} finished trials of `{search.continue_from}`. " if known else "")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from cube_ray.config import TrainConfig, from_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import retrieval_agreement, student_metrics
-from cube_ray.experiment import DONE_TRAINING, SNAPSHOT_PREFIX
+from cube_ray.experiment import DONE_TRAINING, SNAPSHOT_PREFIX, TASK_STEP
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingStore
@@ -46,7 +46,7 @@ from cube_ray.train.data import Pairs, load_shard, load_split
 from cube_ray.train.device import worker_device
 from cube_ray.train.optim import make_optimizer, make_schedule
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
-from cube_ray.train.stages import init_from, restore_best, stage_at, stage_plan, starts_stage
+from cube_ray.train.stages import init_from, restore_best, stage_at, stage_plan, starts_stage, task_samples
 from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
@@ -257,7 +257,8 @@ def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = N
     row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
            "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch}
     state.rounds.append(row)
-    return {**row, "best_eval": state.best_eval}
+    task = task_samples(w.run.cfg, state.samples_seen, w.steps_per_epoch * w.run.cfg.batch_size)
+    return {**row, TASK_STEP: task, "best_eval": state.best_eval}
 
 
 def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:

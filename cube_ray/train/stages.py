@@ -54,6 +54,12 @@ def stage_at(cfg: TrainConfig, epoch: int) -> Stage:
     return next((s for s in stage_plan(cfg) if s.first_epoch <= epoch < s.first_epoch + s.epochs), stage_plan(cfg)[-1])
 
 
+def task_samples(cfg: TrainConfig, samples_seen: int, epoch_samples: int) -> int:
+    """Of `samples_seen` training samples (epochs of `epoch_samples` each), those trained on the run's task: its last
+    stage's. A search's rungs count these (cube_ray.experiment.TASK_STEP)."""
+    return max(0, samples_seen - stage_plan(cfg)[-1].first_epoch * epoch_samples)
+
+
 def load_matching(student: torch.nn.Module, path: str | Path) -> dict:
     """Copy into `student` the parameters of the checkpoint at `path` that match by name and shape; returns what was
     loaded and what was left new, by module ("core", "adapters.minilm", ...). A teacher's adapter (and bypass) loads

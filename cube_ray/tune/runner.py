@@ -8,9 +8,10 @@
 2. A Tune trial is a small driver (`run_trial`, 0 CPUs): it builds the trial's TrainConfig and calls `fit`, whose
    Ray Train workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
    continues its own run from the latest checkpoint, and `TuneReportCallback` hands every round's metrics to Tune.
-3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs counted in training samples
-   (`samples_seen`), so a trial can be stopped long before its first epoch ends; OptunaSearch (TPE with the space's
-   settings, constant liar) samples define-by-run into the durable study of `study.py`.
+3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs counted in training samples of
+   the task (`task_samples`: a staged trial's count starts with its last stage), so a trial can be stopped long
+   before its first epoch ends; OptunaSearch (TPE with the space's settings, constant liar) samples define-by-run
+   into the durable study of `study.py`.
 4. `--resume` restores the Tuner: finished trials stay, unfinished ones continue, the study is the same file.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
-from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, STEP, TRIAL
+from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, TASK_STEP, TRIAL
 from cube_ray.fsutil import atomic_write_text, folder_lock, recover_swap
 from cube_ray.train.run import with_init_checkpoint
 from cube_ray.train.timing import now, stamp
@@ -44,7 +45,8 @@ TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
 def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
-    """ASHA on `round_eval` at rungs in training samples, recording each trial it stops in the experiment folder."""
+    """ASHA on `round_eval` at rungs in training samples of the task, recording each trial it stops in the experiment
+    folder."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     max_t = trial_epochs(search, space) * epoch_samples(space, train_rows)
@@ -60,7 +62,7 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
 
     grace, factor = scheduler_settings(search, space)
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
-    return RecordingASHA(time_attr=STEP, metric=ROUND_METRIC, mode="max", max_t=max(max_t, grace), grace_period=grace,
+    return RecordingASHA(time_attr=TASK_STEP, metric=ROUND_METRIC, mode="max", max_t=max(max_t, grace), grace_period=grace,
                          reduction_factor=factor, stop_last_trials=False)
 
 

@@ -106,7 +106,8 @@ class SamplerSettings:
 
 @dataclasses.dataclass
 class SchedulerSettings:
-    """ASHA on `samples_seen` (the space file's `scheduler:` mapping): rungs at grace_samples x reduction_factor^k."""
+    """ASHA on the samples trained on the task (the space file's `scheduler:` mapping): rungs at
+    grace_samples x reduction_factor^k."""
 
     grace_samples: int = 1024  # every trial trains this many samples before ASHA may stop it
     reduction_factor: int = 3  # each rung keeps the best 1/reduction_factor

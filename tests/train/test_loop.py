@@ -115,6 +115,8 @@ def test_stages_train_their_modes_in_turn_scored_on_the_task_and_resume_across_t
     cfg = small(epochs=4, stages=["autoencoder", "dialogue"], cube=dataclasses.replace(small().cube, update_prob=0.5))
     whole = fit(cfg, store, tmp_path / "whole")
     assert all(h["eval"] == h["minilm/mrr"] for h in whole.history)  # the task's metric, not the reconstruction
+    epoch = whole.history[0]["samples_seen"]  # ASHA's clock (task_samples) starts with the Q->A stage
+    assert [h["task_samples"] for h in whole.history] == [0, 0, epoch, 2 * epoch]
     losses = [h["loss"] for h in whole.history]
     assert max(losses[:2]) < 0.1 < min(losses[2:]), losses
     first = fit(cfg, store, tmp_path / "split", stop_after=2)

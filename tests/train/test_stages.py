@@ -8,7 +8,7 @@ from cube_ray.config import ConfigError, TrainConfig, from_dict
 from cube_ray.model import AdapterConfig, CubeConfig
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.snapshot import build_student, save_snapshot
-from cube_ray.train.stages import Stage, load_matching, stage_at, stage_plan, starts_stage
+from cube_ray.train.stages import Stage, load_matching, stage_at, stage_plan, starts_stage, task_samples
 
 
 def plan(epochs, stages, share=0.5):
@@ -31,6 +31,13 @@ def test_each_epoch_trains_its_stage_and_a_stage_begins_once():
     assert stage_at(cfg, 2) == Stage("dialogue", 2, 2)
     assert [starts_stage(cfg, e, 0) for e in range(4)] == [False, False, True, False]
     assert not starts_stage(cfg, 2, 5)  # a resumed epoch inside the stage has begun already
+
+
+def test_only_the_last_stage_trains_the_task():
+    """The samples a search's rungs count: a staged run's start with its last stage (epochs of 100 samples here)."""
+    staged = TrainConfig(epochs=4, stages=["autoencoder", "dialogue"])  # 2 epochs each
+    assert [task_samples(staged, s, 100) for s in (0, 100, 200, 250, 400)] == [0, 0, 0, 50, 200]
+    assert task_samples(TrainConfig(epochs=4), 250, 100) == 250  # one stage: every sample
 
 
 @pytest.mark.parametrize("data, message", [

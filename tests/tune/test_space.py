@@ -1,9 +1,13 @@
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+from ray.tune.schedulers import TrialScheduler
 
 from cube_ray.config import ConfigError, SearchConfig, from_dict
+from cube_ray.experiment import ASHA_STOPPED
 from cube_ray.tune.runner import asha, epoch_samples, scheduler_settings, space_for, trial_config, trial_epochs
 from cube_ray.tune.space import SPACES, load_space
 
@@ -136,6 +140,26 @@ def test_asha_counts_an_epoch_in_the_samples_the_largest_batch_makes_of_it():
     search = SearchConfig(max_epochs=3)
     scheduler = asha(search, load_space("stage247"), Path("unused"), 300)
     assert scheduler._max_t == 3 * 512
+
+
+def test_asha_judges_a_staged_trial_only_on_the_samples_it_trained_the_task(tmp_path):
+    """A trial with stages [autoencoder, dialogue] is scored on Q->A from its first round but trains Q->A only in its
+    last stage: ASHA's clock is its Q->A samples, so no rung judges it on a task it has not trained yet (on
+    `samples_seen`, the first rung stopped every such trial of the SQuAD search inside its first stage)."""
+    scheduler = asha(SearchConfig(max_epochs=3), load_space("stage247"), tmp_path, 16619)  # grace: 1,024 samples
+    plain, staged = SimpleNamespace(trial_id="plain"), SimpleNamespace(trial_id="staged")
+    for trial in (plain, staged):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, plain, {"samples_seen": 1024, "task_samples": 1024, "round_eval": 0.62}) \
+        == TrialScheduler.CONTINUE  # the first at the rung
+    # autoencoding, worse on Q->A than `plain`: at the first rung's count and a whole epoch later, no rung judges it
+    for samples in (1024, 16640):
+        assert scheduler.on_trial_result(None, staged, {"samples_seen": samples, "task_samples": 0, "round_eval": 0.58}) \
+            == TrialScheduler.CONTINUE
+    # its first Q->A samples: judged at the first rung, against `plain` there
+    assert scheduler.on_trial_result(None, staged, {"samples_seen": 17664, "task_samples": 1024, "round_eval": 0.60}) \
+        == TrialScheduler.STOP
+    assert json.loads((tmp_path / ASHA_STOPPED).read_text()) == ["staged"]
 
 
 def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
