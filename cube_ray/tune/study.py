@@ -9,8 +9,9 @@ What Optuna is told about a trial:
 - a trial that trained to its end (all its epochs, or its own early stop): COMPLETE, with its best whole-split score
   (`best_eval`);
 - a trial stopped before that (by ASHA at a rung, or by the time budget): PRUNED, and Optuna takes its last
-  intermediate value. TPE ranks pruned trials below complete ones (further-trained first), instead of mistaking a
-  low-fidelity score for a finished one.
+  intermediate value (the round ASHA stopped it at included, which Tune passes on only with the trial's end). TPE
+  ranks pruned trials below complete ones (further-trained first), instead of mistaking a low-fidelity score for a
+  finished one.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: 
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
+    last_step: dict[str, int] = {}  # per trial, the step of the last round told to Optuna
+
     class StudySearch(OptunaSearch):
         def suggest(self, trial_id):
             params = super().suggest(trial_id)
@@ -47,10 +50,15 @@ def make_searcher(space: SearchSpace, exp: Path, seed: int, points_to_evaluate: 
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             self._ot_trials[trial_id].report(result[ROUND_METRIC], step=int(result[STEP]))
+            last_step[trial_id] = int(result[STEP])
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
+            if ROUND_METRIC in (result or {}) and last_step.get(trial_id) != int(result[STEP]):
+                # Tune hands the searcher no result on which the scheduler stops the trial: the round ASHA stopped
+                # it at arrives here only (without it, a trial stopped at its first rung had no value in the study)
+                self.on_trial_result(trial_id, result)
             final = (result or {}).get(FINAL_METRIC, -math.inf)
             if error:
                 state, value = TrialState.FAIL, None
