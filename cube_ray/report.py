@@ -29,6 +29,10 @@ TOP = 10  # leaderboard rows
 # Below this many scored trials fANOVA's shares are noise (two trials differ in every parameter at once): the
 # report still shows them, marked as such, so nobody reads "what mattered" into a handful of trials.
 FEW_TRIALS = 10
+# What the importance rests on (cube_ray.report.importance), as the report says it
+IMPORTANCE_BASIS = {"complete": "the {n} trials the study holds as complete",
+                    "first round": "the first round of the {n} trials that reported, too few being complete: each "
+                                   "one's score on the picking split's slice after the same samples, ASHA's first look"}
 CURVES = 5  # trials in the learning-curve plot
 
 
@@ -72,22 +76,32 @@ def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
     return out
 
 
-def importance(study, seed: int) -> tuple[dict[str, float], int]:
-    """Optuna's parameter importance (fANOVA) over the study's complete trials (those --continue-from brought in
-    included), and how many trials it rests on."""
+def importance(study, trials: list[Trial], seed: int) -> tuple[dict[str, float], int, str]:
+    """Optuna's parameter importance (fANOVA), how many trials it rests on, and on what (IMPORTANCE_BASIS): the
+    study's complete trials (those --continue-from brought in included) on their value; or, where ASHA left fewer than
+    FEW_TRIALS complete and more of `trials` (this experiment's, load_trials) reported, each of those on its first
+    round as its checkpoint holds it: its score on the picking split's fixed slice after the same samples, the one
+    look ASHA takes at every trial."""
     import optuna
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState, create_trial
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return {}, len(complete)
+    basis, scored = "complete", study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    reported = [t for t in trials if t.rounds]
+    if len(scored) < FEW_TRIALS and len(reported) > len(scored):
+        sampled = {ot.number: ot for ot in study.get_trials(deepcopy=False)}
+        basis, scored = "first round", [create_trial(params=sampled[t.number].params, value=t.rounds[0]["round_eval"],
+                                                     distributions=sampled[t.number].distributions) for t in reported]
+    if len(scored) < 2:
+        return {}, len(scored), basis
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    chosen = optuna.create_study(direction=study.direction)
+    chosen.add_trials(scored)
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), len(complete)
+        return dict(optuna.importance.get_param_importances(chosen, evaluator=evaluator)), len(scored), basis
     except (RuntimeError, ValueError) as e:  # e.g. every trial scored the same
         log.warning("parameter importance unavailable: %s", e)
-        return {}, len(complete)
+        return {}, len(scored), basis
 
 
 def held_out(trial: Trial, seed: int, with_baselines: bool = True) -> dict:
@@ -105,7 +119,8 @@ def held_out(trial: Trial, seed: int, with_baselines: bool = True) -> dict:
     return {"pairs": len(loaded.held_out), "picked_on": loaded.picked_on, "table": table}
 
 
-def plots(exp: Path, trials: list[Trial], imp: dict[str, float], imp_trials: int, metric: str) -> list[str]:
+def plots(exp: Path, trials: list[Trial], imp: dict[str, float], imp_trials: int, imp_basis: str,
+          metric: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +147,8 @@ def plots(exp: Path, trials: list[Trial], imp: dict[str, float], imp_trials: int
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names])
         few = " - too few trials: noise" if imp_trials < FEW_TRIALS else ""
-        ax.set(xlabel="importance (fANOVA, share of variance)", title=f"parameter importance ({imp_trials} complete trials{few})")
+        ax.set(xlabel="importance (fANOVA, share of variance)",
+               title=f"parameter importance ({imp_trials} trials, {imp_basis}{few})")
         fig.tight_layout()
         fig.savefig(exp / "importance.png", dpi=120)
         made.append("importance.png")
@@ -215,7 +231,7 @@ def build_report(exp: str | Path) -> Path:
     scored = ranked(trials)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
-    imp, imp_trials = importance(study, search.seed)
+    imp, imp_trials, imp_basis = importance(study, trials, search.seed)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
     candidates = with_checkpoint(scored)
@@ -230,7 +246,7 @@ def build_report(exp: str | Path) -> Path:
                               with_baselines=False) if len(candidates) > 1 else None
     figures = cost(exp, trials)
     phases = trial_cost(trials)
-    made = plots(exp, trials, imp, imp_trials, metric)
+    made = plots(exp, trials, imp, imp_trials, imp_basis, metric)
     save_yaml(best.config, exp / "best_config.yaml")
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
     grace, factor = search.grace_samples, search.reduction_factor
@@ -277,14 +293,15 @@ def build_report(exp: str | Path) -> Path:
     lines += ["", "## Plots", ""] + [f"![{m}]({m})" for m in made]
     if imp:
         lines += ["", "Parameter importance: " + ", ".join(f"`{k}` {v:.2f}" for k, v in list(imp.items())[:8])
-                  + f" (fANOVA over the {imp_trials} trials the study holds as complete"
+                  + f" (fANOVA over {IMPORTANCE_BASIS[imp_basis].format(n=imp_trials)}"
                   + (f", fewer than {FEW_TRIALS}: these shares are noise, not evidence of what matters)"
                      if imp_trials < FEW_TRIALS else ")")]
     report = exp / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_text(exp / "report.json", json.dumps({
-        "cost": figures, "trial_cost": phases, "importance": imp, "best": {"trial": best.id, "eval": best.score, "params": best.params,
-                                                     "checkpoint": str(best.dir / "best_eval"), "epoch": best.best["epoch"]},
+        "cost": figures, "trial_cost": phases, "importance": imp, "importance_basis": {"trials": imp_trials, "on": imp_basis},
+        "best": {"trial": best.id, "eval": best.score, "params": best.params, "checkpoint": str(best.dir / "best_eval"),
+                 "epoch": best.best["epoch"]},
         "base_preset": {"trial": base.id, "eval": base.score, "held_out": base_table or table} if base else None,
         "held_out": table, "ensemble": ensemble, "trials": [{"id": t.id, "number": t.number, "status": t.status,
                                        "eval": t.score if t.history else None, "round_eval": t.round_score if t.rounds else None,

@@ -19,6 +19,7 @@ from cube_ray.cli import free_ports
 from cube_ray.config import DataConfig, SearchConfig, TrainConfig, load_yaml
 from cube_ray.experiment import (ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, INIT_FROM, TRIAL, TRIAL_ID,
                                  load_study)
+from cube_ray.report import IMPORTANCE_BASIS
 from cube_ray.tune.runner import MIN_TRIAL_BUDGET_S, REPORT_RESERVE_S, prune_unregistered_checkpoints, run_search, trial_budget
 
 KEEP = 1
@@ -96,13 +97,17 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     assert figures["cost"]["trials"] == 4 and figures["cost"]["errors"] == 0
     assert sum(figures["cost"][k] for k in ("complete", "early_stop", "stopped_by_asha", "time_budget")) == 4
     # fANOVA rests on the trials Optuna holds as complete: a trial ASHA stopped while it finished its last epoch
-    # counts as complete in the table (it trained every epoch) but as pruned in the study (its last report was lost)
+    # counts as complete in the table (it trained every epoch) but as pruned in the study (its last report was lost).
+    # With fewer than 10 complete, it rests on the first round of every trial that reported, where there are more.
     from optuna.trial import TrialState
-    complete = len(load_study(smoke).get_trials(states=(TrialState.COMPLETE,)))
-    assert complete <= figures["cost"]["complete"] + figures["cost"]["early_stop"]
-    if complete >= 2:  # fANOVA needs two complete trials
-        assert (smoke / "importance.png").stat().st_size > 1000
-        assert f"over the {complete} trials the study holds as complete, fewer than 10: these shares are noise" in report
+    study = load_study(smoke)
+    complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
+    reported = len([t for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)) if t.intermediate_values])
+    assert complete <= figures["cost"]["complete"] + figures["cost"]["early_stop"] and reported == 4
+    basis = figures["importance_basis"]
+    assert basis == ({"trials": 4, "on": "first round"} if complete < 4 else {"trials": 4, "on": "complete"})
+    assert (smoke / "importance.png").stat().st_size > 1000
+    assert f"over {IMPORTANCE_BASIS[basis['on']].format(n=4)}, fewer than 10: these shares are noise" in report
     assert "| base preset (trial " in report  # the best trial against the base preset's, on held-out data
     assert {"Train controller and worker group start -> worker process", "whole trial (proposed -> ended)",
             "worker setup: batch probe", "worker setup: cube kernel (built once per machine and shape, else loaded)"
