@@ -174,6 +174,8 @@ def ensemble_runs(args, names: list[str]) -> None:
 
 def search_lines() -> list[str]:
     """The search's cost and its best trial, base-preset trial and top-3 ensemble on dev (search/report.json)."""
+    from cube_ray.report import IMPORTANCE_BASIS
+
     path = OUT / "search" / "report.json"
     if not path.exists():
         return ["Not run yet (`python scripts/study_squad_v2.py` runs it after the presets).", ""]
@@ -194,8 +196,9 @@ def search_lines() -> list[str]:
              for b in ("identity", "linear_adapter")}
     lines += [f"| {name} | " + " | ".join(f"{v[t]:.4f}" for t in teachers) + " |" for name, v in rows.items()]
     top = sorted(r["importance"].items(), key=lambda kv: -kv[1])[:6]
+    basis = IMPORTANCE_BASIS[r["importance_basis"]["on"]].format(n=r["importance_basis"]["trials"])
     return lines + ["", f"Best trial `{r['best']['trial']}` (val {r['best']['eval']:.4f}; the base preset's "
-                        f"{r['base_preset']['eval']:.4f}). Parameter importance (Optuna, val): "
+                        f"{r['base_preset']['eval']:.4f}). Parameter importance (Optuna's fANOVA over {basis}): "
                         + ", ".join(f"`{k}` {v:.2f}" for k, v in top) + ".", "",
                     "![parameter importance](search/importance.png)", ""]
 
@@ -222,7 +225,7 @@ def learned_lines() -> list[str]:
     epoch = {(p, v): (n, m, b) for p, v, n, m, b in choice_table(trials, APPROACHES)}
     for p, v, n, m, b in choice_table(trials, APPROACHES, first_rung):
         e = epoch.get((p, v))
-        lines.append(f"| `{p}` | {v} | {n} | {m:.4f} / {b:.4f} | "
+        lines.append(f"| `{p}` | {json.loads(v)} | {n} | {m:.4f} / {b:.4f} | "
                      + (f"{e[0]} | {e[1]:.4f} / {e[2]:.4f} |" if e else "0 | |"))
     lines += ["", "**What TPE sampled and ASHA stopped**, in the order the trials were proposed (the first is the "
               "default preset, enqueued; TPE models after 4 random ones):", "",
