@@ -15,7 +15,8 @@ study continues where it stopped:
 4. the search: `python -m cube_ray.tune --space stage247` on the same data (`--budget-s` of trials, `--max-epochs`
    per trial, picked on val), its report, plots and trial histories copied to search/;
 5. the search's 3 best configs (ranked on val) retrained as the search trained them (`--max-epochs`), each seed,
-   centred and raw, and scored as in step 2: the best one's runs first;
+   centred and raw, and scored as in step 2: the best one's runs first, then the others' centred ones (the search
+   ran centred), then their raw ones;
 6. per seed and centring, the ensemble of those 3 runs (predictions averaged) scored on dev;
 7. report.md, study.json and plots, from the JSON figures alone.
 """
@@ -95,15 +96,18 @@ def data_step(args) -> object:
     return data
 
 
-def run_plan(groups: list[list[str]], seeds: list[int]) -> list[tuple[str, str, int, bool]]:
-    """(run name, config name, seed, centred) in the order they run: one group of configs after another; within a
-    group both centrings of a seed before the next seed, and every config's seed before the next seed, so an
-    interrupted study has every kind of row."""
+BOTH = (True, False)  # centred and raw
+
+
+def run_plan(groups: list[tuple[list[str], tuple[bool, ...]]], seeds: list[int]) -> list[tuple[str, str, int, bool]]:
+    """(run name, config name, seed, centred) in the order they run: one group (configs, centrings) after another;
+    within a group every centring and config of a seed before the next seed, so an interrupted study has every kind
+    of row."""
     return [(f"{name}-{MODES[center]}-seed{seed}", name, seed, center)
-            for group in groups for seed in seeds for name in group for center in (True, False)]
+            for names, centrings in groups for seed in seeds for name in names for center in centrings]
 
 
-def train_runs(args, data, configs: dict[str, object], groups: list[list[str]]) -> None:
+def train_runs(args, data, configs: dict[str, object], groups: list[tuple[list[str], tuple[bool, ...]]]) -> None:
     """Steps 2 and 5 (and 3 on the way): each run of `groups` (names of `configs`) trained, then its best_eval/
     scored on dev."""
     import torch
@@ -420,10 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         args.presets = args.presets.split(",")
         OUT.mkdir(parents=True, exist_ok=True)
         data = data_step(args)
-        train_runs(args, data, {name: preset(name) for name in args.presets}, [args.presets])
+        train_runs(args, data, {name: preset(name) for name in args.presets}, [(args.presets, BOTH)])
         searched = searched_configs(search_step(args))
         # the search's Ray session ended with it, and the prepared data's shards with it: prepare again (cached)
-        train_runs(args, data_step(args), searched, [list(searched)[:1], list(searched)[1:]])  # the best first
+        best, others = list(searched)[:1], list(searched)[1:]  # the best first; the others' centred runs (as searched) next
+        train_runs(args, data_step(args), searched, [(best, BOTH), (others, (True,)), (others, (False,))])
         ensemble_runs(args, list(searched))
     print(report())
     return 0
