@@ -329,9 +329,10 @@ def plots(runs: list[dict], ensembles: list[dict]) -> None:
         mrr = [[r["table"][teacher]["model"]["mrr"] for r in mine if r["preset"] == c] for c in configs]
         values = [statistics.mean(m) for m in mrr] + [mine[0]["table"][teacher][b]["mrr"] for b in BASELINES]
         errors = [statistics.stdev(m) if len(m) > 1 else 0 for m in mrr] + [0] * len(BASELINES)
-        ax.bar(configs + [b.replace("_", " ") for b in BASELINES], values, yerr=errors, capsize=4,
-               color=[plt.cm.Blues(0.9 - 0.6 * i / len(configs)) for i in range(len(configs))]
-               + ["tab:grey", "tab:orange", "tab:green", "tab:red"])
+        bars = ax.bar(configs + [b.replace("_", " ") for b in BASELINES], values, yerr=errors, capsize=4,
+                      color=[plt.cm.Blues(0.9 - 0.6 * i / len(configs)) for i in range(len(configs))]
+                      + ["tab:grey", "tab:orange", "tab:green", "tab:red"])
+        ax.bar_label(bars, fmt="%.4f", fontsize=6, rotation=90, label_type="center")  # MiniLM's differences are small
         ax.set_title(f"{teacher}, {mode}", fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         ax.set_ylabel("MRR on SQuAD dev")
