@@ -31,8 +31,8 @@ TOP = 10  # leaderboard rows
 FEW_TRIALS = 10
 # What the importance rests on (cube_ray.report.importance), as the report says it
 IMPORTANCE_BASIS = {"complete": "the {n} trials the study holds as complete",
-                    "first round": "the first round of the {n} trials that reported, too few being complete: each "
-                                   "one's score on the picking split's slice after the same samples, ASHA's first look"}
+                    "first rung": "the {n} trials that reached ASHA's first rung, too few being complete: each one's "
+                                  "score on the picking split's slice there, after the same samples of the task"}
 CURVES = 5  # trials in the learning-curve plot
 
 
@@ -76,21 +76,22 @@ def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
     return out
 
 
-def importance(study, trials: list[Trial], seed: int) -> tuple[dict[str, float], int, str]:
+def importance(study, trials: list[Trial], grace: int, seed: int) -> tuple[dict[str, float], int, str]:
     """Optuna's parameter importance (fANOVA), how many trials it rests on, and on what (IMPORTANCE_BASIS): the
     study's complete trials (those --continue-from brought in included) on their value; or, where ASHA left fewer than
-    FEW_TRIALS complete and more of `trials` (this experiment's, load_trials) reported, each of those on its first
-    round as its checkpoint holds it: its score on the picking split's fixed slice after the same samples, the one
-    look ASHA takes at every trial."""
+    FEW_TRIALS complete and more of `trials` (this experiment's, load_trials) reached ASHA's first rung (`grace`
+    samples of the task), each of those on its round there as its checkpoint holds it: its score on the picking
+    split's fixed slice after the same samples of the task, the one look ASHA takes at every trial. (A staged trial's
+    first round falls in its first stage, scored on a task it has not trained yet.)"""
     import optuna
     from optuna.trial import TrialState, create_trial
 
     basis, scored = "complete", study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    reported = [t for t in trials if t.rounds]
-    if len(scored) < FEW_TRIALS and len(reported) > len(scored):
+    judged = [(t, rung) for t in trials if (rung := t.first_rung(grace))]
+    if len(scored) < FEW_TRIALS and len(judged) > len(scored):
         sampled = {ot.number: ot for ot in study.get_trials(deepcopy=False)}
-        basis, scored = "first round", [create_trial(params=sampled[t.number].params, value=t.rounds[0]["round_eval"],
-                                                     distributions=sampled[t.number].distributions) for t in reported]
+        basis, scored = "first rung", [create_trial(params=sampled[t.number].params, value=rung["round_eval"],
+                                                    distributions=sampled[t.number].distributions) for t, rung in judged]
     if len(scored) < 2:
         return {}, len(scored), basis
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -231,7 +232,7 @@ def build_report(exp: str | Path) -> Path:
     scored = ranked(trials)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
-    imp, imp_trials, imp_basis = importance(study, trials, search.seed)
+    imp, imp_trials, imp_basis = importance(study, trials, search.grace_samples or 0, search.seed)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
     candidates = with_checkpoint(scored)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import TrainConfig, load_yaml
-from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TRIAL_ID, load_study
+from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TASK_STEP, TRIAL_ID, load_study
 
 STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unfinished", "error")
 
@@ -26,7 +26,7 @@ class Trial:
     params: dict  # the sampled values, flat "a/b" names (list choices as JSON text, as Optuna stores them)
     config: TrainConfig
     history: list[dict]  # one row of metrics per epoch (whole picking split)
-    rounds: list[dict]  # one row per round (samples_seen, round_eval on the fixed slice, time_s)
+    rounds: list[dict]  # one row per round (samples_seen, TASK_STEP, round_eval on the fixed slice, time_s)
     status: str  # one of STATUS_ORDER
     base_preset: bool = False  # the enqueued base-preset trial
     proposed_at: float | None = None  # when Optuna proposed it (seconds since the epoch)
@@ -45,6 +45,12 @@ class Trial:
     def round_score(self) -> float:
         """The last round's score on the fixed slice: what ASHA compared."""
         return self.rounds[-1]["round_eval"] if self.rounds else -math.inf
+
+    def first_rung(self, grace: int) -> dict | None:
+        """The round ASHA first judged this trial at: the first whose samples of the task (TASK_STEP; a staged
+        trial's count starts with its last stage) reach the grace period. None where the trial never got there.
+        Rounds saved without the count (older checkpoints) count every sample."""
+        return next((r for r in self.rounds if r.get(TASK_STEP, r["samples_seen"]) >= grace), None)
 
     @property
     def samples(self) -> int:

@@ -255,10 +255,10 @@ def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = N
     same = whole_split_score is not None and w.round_pairs is w.run.eval_pairs
     score = whole_split_score if same else selection_score(w, w.round_pairs)[0]
     row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
-           "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch}
-    state.rounds.append(row)
-    task = task_samples(w.run.cfg, state.samples_seen, w.steps_per_epoch * w.run.cfg.batch_size)
-    return {**row, TASK_STEP: task, "best_eval": state.best_eval}
+           "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch,
+           TASK_STEP: task_samples(w.run.cfg, state.samples_seen, w.steps_per_epoch * w.run.cfg.batch_size)}
+    state.rounds.append(row)  # kept with TASK_STEP: the report finds the round each ASHA rung judged
+    return {**row, "best_eval": state.best_eval}
 
 
 def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:

@@ -117,6 +117,9 @@ def test_stages_train_their_modes_in_turn_scored_on_the_task_and_resume_across_t
     assert all(h["eval"] == h["minilm/mrr"] for h in whole.history)  # the task's metric, not the reconstruction
     epoch = whole.history[0]["samples_seen"]  # ASHA's clock (task_samples) starts with the Q->A stage
     assert [h["task_samples"] for h in whole.history] == [0, 0, epoch, 2 * epoch]
+    rounds = load_checkpoint(tmp_path / "whole" / "latest").state["train_state"]["rounds"]  # where reports find rungs
+    assert all(r["task_samples"] == max(0, r["samples_seen"] - 2 * epoch) for r in rounds)
+    assert [r["task_samples"] for r in rounds if r["samples_seen"] % epoch == 0] == [0, 0, epoch, 2 * epoch]
     losses = [h["loss"] for h in whole.history]
     assert max(losses[:2]) < 0.1 < min(losses[2:]), losses
     first = fit(cfg, store, tmp_path / "split", stop_after=2)

@@ -98,14 +98,14 @@ def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, cap
     assert sum(figures["cost"][k] for k in ("complete", "early_stop", "stopped_by_asha", "time_budget")) == 4
     # fANOVA rests on the trials Optuna holds as complete: a trial ASHA stopped while it finished its last epoch
     # counts as complete in the table (it trained every epoch) but as pruned in the study (its last report was lost).
-    # With fewer than 10 complete, it rests on the first round of every trial that reported, where there are more.
+    # With fewer than 10 complete, it rests on the first rung of every trial that reached it, where there are more.
     from optuna.trial import TrialState
     study = load_study(smoke)
     complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
     reported = len([t for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)) if t.intermediate_values])
     assert complete <= figures["cost"]["complete"] + figures["cost"]["early_stop"] and reported == 4
     basis = figures["importance_basis"]
-    assert basis == ({"trials": 4, "on": "first round"} if complete < 4 else {"trials": 4, "on": "complete"})
+    assert basis == ({"trials": 4, "on": "first rung"} if complete < 4 else {"trials": 4, "on": "complete"})
     assert (smoke / "importance.png").stat().st_size > 1000
     assert f"over {IMPORTANCE_BASIS[basis['on']].format(n=4)}, fewer than 10: these shares are noise" in report
     assert "| base preset (trial " in report  # the best trial against the base preset's, on held-out data
