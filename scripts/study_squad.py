@@ -37,13 +37,13 @@ ARCHITECTURE = ("cube/dims", "cube/channels", "cube/layers", "cube/max_steps", "
                 "cube/skip_linear", "adapter/strategy", "adapter/io", "adapter/out", "optimizer", "batch_size")
 
 
-def search(args, name: str = NAME, dest: Path = OUT / "search") -> Path:
+def search(args, name: str = NAME, dest: Path = OUT / "search", seed: int = 0) -> Path:
     """Step 1: the search (its own process: Tune's status table and the extraction's progress show as usual), its
-    small figures copied to `dest`. `args`: the flags of `add_search_args`."""
+    small figures copied to `dest`. `args`: the flags of `add_search_args`; `seed`: the search's (TPE's, trials')."""
     exp = Path(args.runs) / name
     if not (exp / "report.json").exists():
         cmd = [sys.executable, "-m", "cube_ray.tune", "--space", "stage247", "--out", str(args.runs), "--name", name,
-               "--store", args.store, "--seed", "0"]
+               "--store", args.store, "--seed", str(seed)]
         if (exp / "search.yaml").exists():
             cmd.append("--resume")
         else:
@@ -60,6 +60,7 @@ def search(args, name: str = NAME, dest: Path = OUT / "search") -> Path:
 def save_search(exp: Path, dest: Path) -> None:
     """Copy the search's report, plots and per-trial histories (small) beside the study report."""
     from cube_ray.config import SearchConfig, load_yaml
+    from cube_ray.experiment import TASK_STEP
     from cube_ray.trials import load_trials
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,8 @@ def save_search(exp: Path, dest: Path) -> None:
     trials = [{"id": t.id, "status": t.status, "params": t.params, "epochs_planned": t.config.epochs,
                "history": [{k: r[k] for k in ("epoch", "eval", "time_s", "expected_steps", "samples_per_s") if k in r}
                            for r in t.history],
-               "rounds": [{k: r[k] for k in ("samples_seen", "round_eval", "time_s") if k in r} for r in t.rounds]}
+               "rounds": [{k: r[k] for k in ("samples_seen", TASK_STEP, "round_eval", "time_s") if k in r}
+                          for r in t.rounds]}
               for t in load_trials(exp, budget=bool(search.time_budget_s))]
     (dest / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
 

@@ -18,12 +18,16 @@ study continues where it stopped:
    centred and raw, and scored as in step 2: the best one's runs first, then the others' centred ones (the search
    ran centred), then their raw ones;
 6. per seed and centring, the ensemble of those 3 runs (predictions averaged) scored on dev;
-7. report.md, study.json and plots, from the JSON figures alone.
+7. the search again with another seed (`--seed 1`, same budget, search_rerun/), its best config retrained with each
+   seed, centred and raw, as `rerun1`. In this study's record the first search ran before three fixes to what ASHA,
+   TPE and the importance saw (notes.md) and the second after them;
+8. report.md, study.json and plots, from the JSON figures alone.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -35,6 +39,7 @@ from study_squad import SQUAD, add_search_args, choice_table, search, spread
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "study_squad_v2"
 SEARCH = "squad-v2-stage247"  # the search's experiment folder under --runs
+RERUN, RERUN_SEED = "squad-v2-stage247-rerun", 1  # the second search's folder and seed
 PRESETS = ROOT / "cube_ray" / "train" / "presets"
 METRICS = ("cos", "r1", "r5", "mrr")
 MODES = {True: "centred", False: "raw"}
@@ -44,6 +49,9 @@ APPROACHES = ("stages", "fusion", "cube/mixer", "cube/attention", "cube/skip_lin
 SAMPLED = ("stages", "fusion", "cube/mixer", "cube/channels", "cube/max_steps", "loss/cosine", "loss/infonce", "lr",
            "batch_size")  # the columns of the per-trial table
 PRESET_NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+# The first search's importance rested on each trial's first round (cube_ray.report before the first-rung fix).
+FIRST_SEARCH_BASIS = {"first round": "the first round of the {n} trials that reported, too few being complete (a "
+                                     "staged trial's first round fell in its first stage: see the notes)"}
 
 
 def preset(name: str):
@@ -52,7 +60,7 @@ def preset(name: str):
     return load_yaml(TrainConfig, PRESETS / f"{name}.yaml")
 
 
-def searched_configs(exp: Path) -> dict[str, object]:
+def searched_configs(exp: Path, prefix: str = "search") -> dict[str, object]:
     """The search's TOP best trials' configs ("search1" the best), ranked on val as its report ranks them, as the
     search trained them (its epochs: the schedule decays over them) on the default preset's workers. With the
     default's 10 epochs the best config peaked lower on val (notes.md)."""
@@ -62,7 +70,7 @@ def searched_configs(exp: Path) -> dict[str, object]:
     default = preset("default")
     trials = with_checkpoint(ranked(load_trials(exp)))[:TOP]
     budget = {k: getattr(default, k) for k in ("workers", "cpus_per_worker")}
-    return {f"search{i}": dataclasses.replace(t.config, **budget) for i, t in enumerate(trials, 1)}
+    return {f"{prefix}{i}": dataclasses.replace(t.config, **budget) for i, t in enumerate(trials, 1)}
 
 
 def study_config(base, seed: int, center: bool, limit: int, val_fraction: float):
@@ -145,12 +153,12 @@ def train_runs(args, data, configs: dict[str, object], groups: list[tuple[list[s
                                       for t, rows in table.items()), flush=True)
 
 
-def search_step(args) -> Path:
-    """Step 4: stage247 on the study's data, resumed if it was interrupted (its run folder: --runs/SEARCH)."""
+def search_step(args, name: str = SEARCH, dest: str = "search", seed: int = 0) -> Path:
+    """Steps 4 and 7: stage247 on the study's data, resumed if it was interrupted (its run folder: --runs/name)."""
     import ray
 
     ray.shutdown()  # the steps before started Ray here; the search starts its own in its process, one at a time
-    return search(args, SEARCH, OUT / "search")
+    return search(args, name, OUT / dest, seed)
 
 
 def ensemble_runs(args, names: list[str]) -> None:
@@ -176,17 +184,17 @@ def ensemble_runs(args, names: list[str]) -> None:
 
 # ---------------------------------------------------------------- the report, from the JSON figures alone
 
-def search_lines() -> list[str]:
-    """The search's cost and its best trial, base-preset trial and top-3 ensemble on dev (search/report.json)."""
+def search_lines(folder: str) -> list[str]:
+    """A search's cost and its best trial, base-preset trial and top-3 ensemble on dev (folder/report.json)."""
     from cube_ray.report import IMPORTANCE_BASIS
 
-    path = OUT / "search" / "report.json"
+    path = OUT / folder / "report.json"
     if not path.exists():
-        return ["Not run yet (`python scripts/study_squad_v2.py` runs it after the presets).", ""]
+        return ["Not run yet (`python scripts/study_squad_v2.py` runs it).", ""]
     r = json.loads(path.read_text())
     cost, teachers = r["cost"], list(r["held_out"]["table"])
     lines = [f"`python -m cube_ray.tune --space stage247` on the same data, every model picked on val, dev scored "
-             f"after the search ([its report](search/report.md)): {cost['trials']} trials in "
+             f"after the search ([its report]({folder}/report.md)): {cost['trials']} trials in "
              f"{cost['wall_s'] / 60:.0f} min, {cost['stopped_by_asha']} stopped by ASHA "
              f"({cost['stopped_by_asha'] / cost['trials']:.0%}), {cost['complete'] + cost['early_stop']} trained "
              f"their whole budget (max_t) or stopped on patience, {cost['time_budget']} cut by the time budget, "
@@ -200,26 +208,31 @@ def search_lines() -> list[str]:
              for b in ("identity", "linear_adapter")}
     lines += [f"| {name} | " + " | ".join(f"{v[t]:.4f}" for t in teachers) + " |" for name, v in rows.items()]
     top = sorted(r["importance"].items(), key=lambda kv: -kv[1])[:6]
-    basis = IMPORTANCE_BASIS[r["importance_basis"]["on"]].format(n=r["importance_basis"]["trials"])
+    basis = (IMPORTANCE_BASIS | FIRST_SEARCH_BASIS)[r["importance_basis"]["on"]].format(n=r["importance_basis"]["trials"])
     return lines + ["", f"Best trial `{r['best']['trial']}` (val {r['best']['eval']:.4f}; the base preset's "
                         f"{r['base_preset']['eval']:.4f}). Parameter importance (Optuna's fANOVA over {basis}): "
                         + ", ".join(f"`{k}` {v:.2f}" for k, v in top) + ".", "",
-                    "![parameter importance](search/importance.png)", ""]
+                    f"![parameter importance]({folder}/importance.png)", ""]
 
 
-def first_rung(trial: dict) -> float | None:
-    """A trial's score on the fixed val slice after its first round (ASHA's grace period): every trial that
-    reported has it, whatever ASHA did next."""
-    return trial["rounds"][0]["round_eval"] if trial.get("rounds") else None
+def first_rung(trial: dict, grace: int) -> float | None:
+    """A trial's score on the fixed val slice at ASHA's first rung: the first round with `grace` samples of the task
+    (cube_ray.trials.Trial.first_rung; trials.json of a search before rounds kept that count: the first round)."""
+    rung = next((r for r in trial.get("rounds", []) if r.get("task_samples", r["samples_seen"]) >= grace), None)
+    return rung["round_eval"] if rung else None
 
 
-def learned_lines() -> list[str]:
+def learned_lines(folder: str) -> list[str]:
     """What the search learned and did: each approach's values compared at the first rung and at epoch 1, and every
-    trial in the order TPE proposed it, with what ASHA did to it (search/trials.json)."""
-    path = OUT / "search" / "trials.json"
+    trial in the order TPE proposed it, with what ASHA did to it (folder/trials.json)."""
+    from cube_ray.config import SearchConfig, load_yaml
+
+    path = OUT / folder / "trials.json"
     if not path.exists():
         return []
     trials = json.loads(path.read_text())
+    grace = load_yaml(SearchConfig, OUT / folder / "search.yaml").grace_samples
+    at_rung = functools.partial(first_rung, grace=grace)
     lines = ["**What the search learned.** Each approach's values, compared on the first rung (the val slice after "
              "ASHA's grace period, which every trial reached) and after epoch 1 (the whole val split; only the trials "
              "ASHA let train that far). Residual students are not a choice here: every trial is one (the base preset's "
@@ -227,7 +240,7 @@ def learned_lines() -> list[str]:
              "| parameter | value | trials (rung) | mean / best at the first rung | trials (epoch 1) | mean / best at epoch 1 |",
              "|---|---|---|---|---|---|"]
     epoch = {(p, v): (n, m, b) for p, v, n, m, b in choice_table(trials, APPROACHES)}
-    for p, v, n, m, b in choice_table(trials, APPROACHES, first_rung):
+    for p, v, n, m, b in choice_table(trials, APPROACHES, at_rung):
         e = epoch.get((p, v))
         lines.append(f"| `{p}` | {json.loads(v)} | {n} | {m:.4f} / {b:.4f} | "
                      + (f"{e[0]} | {e[1]:.4f} / {e[2]:.4f} |" if e else "0 | |"))
@@ -236,7 +249,7 @@ def learned_lines() -> list[str]:
               "| # | status | samples trained | first rung | best val | " + " | ".join(f"`{p}`" for p in SAMPLED) + " |",
               "|---|---|---|---|---|" + "---|" * len(SAMPLED)]
     for i, t in enumerate(trials):
-        scores = (first_rung(t), max((h["eval"] for h in t["history"]), default=None))
+        scores = (at_rung(t), max((h["eval"] for h in t["history"]), default=None))
         cells = [f"{v:.3g}" if isinstance(v := t["params"].get(p, ""), float) else str(v) for p in SAMPLED]
         lines.append(f"| {i} | {t['status']} | {t['rounds'][-1]['samples_seen'] if t.get('rounds') else 0:,} | "
                      + " | ".join("" if v is None else f"{v:.4f}" for v in scores) + " | " + " | ".join(cells) + " |")
@@ -246,7 +259,8 @@ def learned_lines() -> list[str]:
 def load_rows(folder: str) -> list[dict]:
     """The figures of runs/ (trained models) or ensembles/, presets first, then the search's configs."""
     return sorted((json.loads(p.read_text()) for p in (OUT / folder).glob("*.json")),
-                  key=lambda r: (r["preset"].startswith("search"), r["preset"], not r["center"], r["seed"]))
+                  key=lambda r: (r["preset"] not in PRESET_NAMES + ["ensemble"], r["preset"].startswith("rerun"),
+                                 r["preset"], not r["center"], r["seed"]))
 
 
 def presets_of(runs: list[dict]) -> list[str]:
@@ -259,6 +273,8 @@ def label(config: str) -> str:
         return "ensemble of the search's top 3"
     if config.startswith("search"):
         return f"search's config #{config.removeprefix('search')}"
+    if config.startswith("rerun"):
+        return "second search's best config"
     return f"preset `{config}`"
 
 
@@ -399,7 +415,9 @@ def report() -> Path:
     lines += criteria_lines(runs)
     lines += ["", "Cost: " + ", ".join(f"{r['name']} {r['fit_seconds'] / 60:.1f} min ({len(r['history'])} epochs)"
                                        for r in runs) + ".", "", "![val learning curves](curves.png)", "",
-              "## The search (stage247)", ""] + search_lines() + learned_lines() + ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
+              "## The search (stage247)", ""] + search_lines("search") + learned_lines("search")
+    lines += ["## The search again (seed 1)", ""] + search_lines("search_rerun") \
+        + learned_lines("search_rerun") + ["## Conclusions", ""] + [f"- {v}" for v in verdicts] + [""]
     notes = OUT / "notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -431,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         best, others = list(searched)[:1], list(searched)[1:]  # the best first; the others' centred runs (as searched) next
         train_runs(args, data_step(args), searched, [(best, BOTH), (others, (True,)), (others, (False,))])
         ensemble_runs(args, list(searched))
+        rerun = searched_configs(search_step(args, RERUN, "search_rerun", RERUN_SEED), prefix="rerun")
+        train_runs(args, data_step(args), rerun, [(list(rerun)[:1], BOTH)])  # its best config
     print(report())
     return 0
 
