@@ -19,8 +19,9 @@ study continues where it stopped:
    ran centred), then their raw ones;
 6. per seed and centring, the ensemble of those 3 runs (predictions averaged) scored on dev;
 7. the search again with another seed (`--seed 1`, same budget, search_rerun/), its best config retrained with each
-   seed, centred and raw, as `rerun1`. In this study's record the first search ran before three fixes to what ASHA,
-   TPE and the importance saw (notes.md) and the second after them;
+   seed, centred and raw, as `rerun1`. The seed also draws the search's val documents (its val scores are not the
+   first search's); the retrains use the study's split. In this study's record the first search ran before the fixes
+   to what ASHA, TPE and the importance saw (notes.md) and the second after them;
 8. report.md, study.json and plots, from the JSON figures alone.
 """
 from __future__ import annotations
