@@ -194,7 +194,7 @@ def search_lines(folder: str) -> list[str]:
         return ["Not run yet (`python scripts/study_squad_v2.py` runs it).", ""]
     r = json.loads(path.read_text())
     cost, teachers = r["cost"], list(r["held_out"]["table"])
-    lines = [f"`python -m cube_ray.tune --space stage247` on the same data, every model picked on val, dev scored "
+    lines = [f"`python -m cube_ray.tune --space stage247` on the same pairs and dev file, every model picked on val, dev scored "
              f"after the search ([its report]({folder}/report.md)): {cost['trials']} trials in "
              f"{cost['wall_s'] / 60:.0f} min, {cost['stopped_by_asha']} stopped by ASHA "
              f"({cost['stopped_by_asha'] / cost['trials']:.0%}), {cost['complete'] + cost['early_stop']} trained "
