@@ -18,6 +18,13 @@ from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINIS
 STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unfinished", "error")
 
 
+def first_rung(rounds: list[dict], grace: int) -> dict | None:
+    """The round ASHA first judged a trial at: the first whose samples of the task (TASK_STEP; a staged trial's count
+    starts with its last stage) reach the grace period. None where the trial never got there. Rounds saved without
+    the count (older checkpoints, older trials.json) count every sample."""
+    return next((r for r in rounds if r.get(TASK_STEP, r["samples_seen"]) >= grace), None)
+
+
 @dataclasses.dataclass
 class Trial:
     id: str
@@ -47,10 +54,7 @@ class Trial:
         return self.rounds[-1]["round_eval"] if self.rounds else -math.inf
 
     def first_rung(self, grace: int) -> dict | None:
-        """The round ASHA first judged this trial at: the first whose samples of the task (TASK_STEP; a staged
-        trial's count starts with its last stage) reach the grace period. None where the trial never got there.
-        Rounds saved without the count (older checkpoints) count every sample."""
-        return next((r for r in self.rounds if r.get(TASK_STEP, r["samples_seen"]) >= grace), None)
+        return first_rung(self.rounds, grace)
 
     @property
     def samples(self) -> int:

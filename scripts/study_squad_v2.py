@@ -216,10 +216,11 @@ def search_lines(folder: str) -> list[str]:
                     f"![parameter importance]({folder}/importance.png)", ""]
 
 
-def first_rung(trial: dict, grace: int) -> float | None:
-    """A trial's score on the fixed val slice at ASHA's first rung: the first round with `grace` samples of the task
-    (cube_ray.trials.Trial.first_rung; trials.json of a search before rounds kept that count: the first round)."""
-    rung = next((r for r in trial.get("rounds", []) if r.get("task_samples", r["samples_seen"]) >= grace), None)
+def score_at_first_rung(trial: dict, grace: int) -> float | None:
+    """A trial's (trials.json) score on the fixed val slice at ASHA's first rung (cube_ray.trials.first_rung)."""
+    from cube_ray.trials import first_rung
+
+    rung = first_rung(trial.get("rounds", []), grace)
     return rung["round_eval"] if rung else None
 
 
@@ -233,7 +234,7 @@ def learned_lines(folder: str) -> list[str]:
         return []
     trials = json.loads(path.read_text())
     grace = load_yaml(SearchConfig, OUT / folder / "search.yaml").grace_samples
-    at_rung = functools.partial(first_rung, grace=grace)
+    at_rung = functools.partial(score_at_first_rung, grace=grace)
     lines = ["**What the search learned.** Each approach's values, compared on the first rung (the val slice after "
              "ASHA's grace period, which every trial reached) and after epoch 1 (the whole val split; only the trials "
              "ASHA let train that far). Residual students are not a choice here: every trial is one (the base preset's "
