@@ -213,6 +213,12 @@ class TrainConfig:
     # Each round scores the selection metric on this many queries of the picking split (a fixed, seeded slice, so
     # rounds are cheap and comparable across trials); the whole split is scored at every epoch's end.
     round_eval_size: int = 1000
+    # Rounds every this many training seconds instead (0: by samples): a search on the cost clock (ASHA's rungs in
+    # training seconds, cube_ray/tune/runner.py) sets it, so every trial reports right after each rung it reaches.
+    report_every_s: float = 0.0
+    # With stages: the stages before the last end once the run has trained this many seconds, if stage_share of the
+    # epochs ends later (0: stage_share alone). A search on the cost clock bounds them by its first rung.
+    stage_budget_s: float = 0.0
     batch_size: int = 64  # the effective global batch; workers may split it into micro-batches
     optimizer: typing.Literal["adamw", "sgd", "adafactor"] = "adamw"
     lr: float = 1e-3
@@ -266,6 +272,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "report_every_samples", "round_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("report_every_s", "stage_budget_s"):
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a number of seconds >= 0 (0: off), got {getattr(self, name)}")
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
         if not 0 < self.lr < math.inf:  # NaN fails too
@@ -307,8 +316,12 @@ class SearchConfig:
     use_gpu: bool = False  # every trial's Ray Train workers on GPUs
     gpus_per_worker: float = 1.0  # with use_gpu: each worker's share of a GPU (0.25: four trials per GPU)
     gpus_per_actor: float | None = None  # every teacher's extraction actors' GPUs (None: each teacher spec's `gpus`)
-    # ASHA, in training samples (its time attribute is `samples_seen`); None: the space file's `scheduler` settings
-    grace_samples: int | None = None  # samples every trial trains before it can be stopped
+    # ASHA's clock: "cost", training seconds (a trial's steps only, measured in the trial: a config 10x slower
+    # must be 10x better per second to pass a rung), or "samples", training samples of the task. It and ASHA's
+    # first rung, None: the space file's `scheduler` settings
+    asha_clock: typing.Literal["samples", "cost"] | None = None
+    grace_s: float | None = None  # cost clock: training seconds every trial gets before it can be stopped
+    grace_samples: int | None = None  # samples clock: samples every trial trains before it can be stopped
     reduction_factor: int | None = None  # keep the best 1/reduction_factor at each rung
     report_every_samples: int | None = None  # a round's length (None: the space's base preset's)
     keep_checkpoints: int = 2  # per trial: the best K by the eval metric (plus the latest)
@@ -347,6 +360,10 @@ class SearchConfig:
             raise ValueError(f"reduction_factor must be at least 2, got {self.reduction_factor}")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             raise ValueError(f"name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}")
+        if self.asha_clock not in (None, "samples", "cost"):
+            raise ValueError(f"asha_clock must be 'samples' or 'cost', got {self.asha_clock!r}")
+        if self.grace_s is not None and not 0 < self.grace_s < math.inf:
+            raise ValueError(f"grace_s must be a positive number of seconds, got {self.grace_s}")
         for name in ("time_budget_s", "wall_budget_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

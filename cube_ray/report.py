@@ -32,7 +32,8 @@ FEW_TRIALS = 10
 # What the importance rests on (cube_ray.report.importance), as the report says it
 IMPORTANCE_BASIS = {"complete": "the {n} trials the study holds as complete",
                     "first rung": "the {n} trials that reached ASHA's first rung, too few being complete: each one's "
-                                  "score on the picking split's slice there, after the same samples of the task"}
+                                  "score on the picking split's slice there, after the same training seconds (cost "
+                                  "clock) or samples of the task"}
 CURVES = 5  # trials in the learning-curve plot
 
 
@@ -56,38 +57,52 @@ PHASES = {
 }
 
 
-def trial_cost(trials: list[Trial]) -> dict[str, dict[str, float]]:
+# How close the search runs to the machine: a trial's fixed cost, and its first rung's compute against its wall time
+FIXED_COST = "fixed cost: trial running -> first sample (set-up)"
+RUNG_COMPUTE = "first rung: the training it needs (steps only)"
+RUNG_TOOK = "first rung: what it took (trial running -> its report)"
+
+
+def first_rung_phases(grace: float, clock: str) -> dict:
+    """The fixed cost and first-rung phases (seconds), from a trial's stamps and its rounds (each round carries its
+    training seconds `time_s` and its wall-clock stamp `at`)."""
+    return {FIXED_COST: lambda t, tr, w: w["setup_done"] - tr["start"],
+            RUNG_COMPUTE: lambda t, tr, w: t.first_rung(grace, clock)["time_s"],
+            RUNG_TOOK: lambda t, tr, w: t.first_rung(grace, clock)["at"] - tr["start"]}
+
+
+def trial_cost(trials: list[Trial], grace: float = 0.0, clock: str = "samples") -> dict[str, dict[str, float]]:
     """Per phase of a trial's wall time: median, total and the trials measured (those with every stamp)."""
     import numpy as np
 
     from cube_ray.train.timing import read_timing
 
     out = {}
-    for name, phase in PHASES.items():
+    for name, phase in {**first_rung_phases(grace, clock), **PHASES}.items():
         values = []
         for t in trials:
             timing = read_timing(t.dir)
             try:
                 values.append(phase(t, timing["trial"], timing["worker"]))
-            except (KeyError, TypeError):  # a stamp missing: killed before it, or not a search trial
+            except (KeyError, TypeError):  # a stamp missing: killed before it, not a search trial, no rung reached
                 continue
         if values:
             out[name] = {"median_s": float(np.median(values)), "total_s": float(np.sum(values)), "trials": len(values)}
     return out
 
 
-def importance(study, trials: list[Trial], grace: int, seed: int) -> tuple[dict[str, float], int, str]:
+def importance(study, trials: list[Trial], grace: float, seed: int, clock: str = "samples") -> tuple[dict[str, float], int, str]:
     """Optuna's parameter importance (fANOVA), how many trials it rests on, and on what (IMPORTANCE_BASIS): the
     study's complete trials (those --continue-from brought in included) on their value; or, where ASHA left fewer than
-    FEW_TRIALS complete and more of `trials` (this experiment's, load_trials) reached ASHA's first rung (`grace`
-    samples of the task), each of those on its round there as its checkpoint holds it: its score on the picking
+    FEW_TRIALS complete and more of `trials` (this experiment's, load_trials) reached ASHA's first rung (`grace` on
+    the search's `clock`: training seconds, or samples of the task), each of those on its round there as its checkpoint holds it: its score on the picking
     split's fixed slice after the same samples of the task, the one look ASHA takes at every trial. (A staged trial's
     first round falls in its first stage, scored on a task it has not trained yet.)"""
     import optuna
     from optuna.trial import TrialState, create_trial
 
     basis, scored = "complete", study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    judged = [(t, rung) for t in trials if (rung := t.first_rung(grace))]
+    judged = [(t, rung) for t in trials if (rung := t.first_rung(grace, clock))]
     if len(scored) < FEW_TRIALS and len(judged) > len(scored):
         sampled = {ot.number: ot for ot in study.get_trials(deepcopy=False)}
         basis, scored = "first rung", [create_trial(params=sampled[t.number].params, value=rung["round_eval"],
@@ -232,7 +247,9 @@ def build_report(exp: str | Path) -> Path:
     scored = ranked(trials)
     if not scored:
         raise RuntimeError(f"{exp}: no trial reported a result yet; nothing to report")
-    imp, imp_trials, imp_basis = importance(study, trials, search.grace_samples or 0, search.seed)
+    clock = search.asha_clock or "samples"  # searches saved before the cost clock counted samples
+    grace, factor = (search.grace_s if clock == "cost" else search.grace_samples), search.reduction_factor
+    imp, imp_trials, imp_basis = importance(study, trials, grace or 0, search.seed, clock)
     keys = list(imp)[:5] or [k for k in scored[0].params][:5]
     metric = scored[0].config.eval_metric
     candidates = with_checkpoint(scored)
@@ -246,11 +263,10 @@ def build_report(exp: str | Path) -> Path:
     ensemble = ensemble_table([t.dir / "best_eval" for t in candidates[:ENSEMBLE_TOP]], seed=search.seed,
                               with_baselines=False) if len(candidates) > 1 else None
     figures = cost(exp, trials)
-    phases = trial_cost(trials)
+    phases = trial_cost(trials, grace or 0, clock)
     made = plots(exp, trials, imp, imp_trials, imp_basis, metric)
     save_yaml(best.config, exp / "best_config.yaml")
     atomic_write_text(exp / "best_checkpoint", f"{best.dir / 'best_eval'}\n")
-    grace, factor = search.grace_samples, search.reduction_factor
     known = sum(CONTINUED_FROM in t.user_attrs for t in study.get_trials(deepcopy=False))
 
     teachers = best.config.teachers
@@ -258,8 +274,10 @@ def build_report(exp: str | Path) -> Path:
     lines = [f"# Search report: {exp.name}", "",
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
              f"{selection} split's {metric.upper()} (mean over teachers {', '.join(teachers)}): every round of "
-             f"{best.config.report_every_samples} training samples scores a fixed slice of it (`round_eval`, what ASHA "
-             f"compares, rungs in samples of the task" + (f": grace {grace}" if grace else "") + (f", factor {factor}" if factor else "")
+             + (f"{best.config.report_every_s:g} training seconds" if clock == "cost" else
+                f"{best.config.report_every_samples} training samples") + " scores a fixed slice of it (`round_eval`, "
+             "what ASHA compares, rungs in " + ("training seconds" if clock == "cost" else "samples of the task")
+             + (f": grace {grace:g}" if grace else "") + (f", factor {factor}" if factor else "")
              + f"), every epoch's end the whole split (`eval`, which picks checkpoints); {best.config.epochs} epochs at "
              "most per trial. "
              + (f"The sampler started knowing {known} finished trials of `{search.continue_from}`. " if known else "")
@@ -288,7 +306,9 @@ def build_report(exp: str | Path) -> Path:
               f"CPU-hours: {figures['cpu_hours']:.3f} (trial time x CPUs)",
               f"- wall time: {figures['wall_s'] / 60:.1f} min over {figures['sessions']} driver session(s), "
               "data preparation and extraction included", "",
-              "Where a trial's time goes (seconds; from each trial's `timing.json` and the study's times):", "",
+              "Where a trial's time goes (seconds; from each trial's `timing.json`, its rounds and the study's times). "
+              f"The first three rows say how close the search runs to the machine: a trial's fixed cost before its "
+              f"first sample, and the training its first rung needs against the wall time that rung took:", "",
               "| phase | median | total | trials |", "|---|---|---|---|"]
     lines += [f"| {name} | {p['median_s']:.1f} | {p['total_s']:.0f} | {p['trials']} |" for name, p in phases.items()]
     lines += ["", "## Plots", ""] + [f"![{m}]({m})" for m in made]

@@ -13,15 +13,18 @@ from pathlib import Path
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import TrainConfig, load_yaml
-from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, FINISHED, TASK_STEP, TRIAL_ID, load_study
+from cube_ray.experiment import ASHA_STOPPED, BASE_PRESET, CONTINUED_FROM, COST_STEP, FINISHED, TASK_STEP, TRIAL_ID, load_study
 
 STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unfinished", "error")
 
 
-def first_rung(rounds: list[dict], grace: int) -> dict | None:
-    """The round ASHA first judged a trial at: the first whose samples of the task (TASK_STEP; a staged trial's count
-    starts with its last stage) reach the grace period. None where the trial never got there. Rounds saved without
-    the count (older checkpoints, older trials.json) count every sample."""
+def first_rung(rounds: list[dict], grace: float, clock: str = "samples") -> dict | None:
+    """The round ASHA first judged a trial at: the first whose clock reaches the grace period: on the samples clock
+    its samples of the task (TASK_STEP; a staged trial's count starts with its last stage), on the cost clock its
+    training seconds (COST_STEP). None where the trial never got there. Rounds saved without the task's count (older
+    checkpoints, older trials.json) count every sample."""
+    if clock == "cost":
+        return next((r for r in rounds if r.get(COST_STEP, 0.0) >= grace), None)
     return next((r for r in rounds if r.get(TASK_STEP, r["samples_seen"]) >= grace), None)
 
 
@@ -53,8 +56,8 @@ class Trial:
         """The last round's score on the fixed slice: what ASHA compared."""
         return self.rounds[-1]["round_eval"] if self.rounds else -math.inf
 
-    def first_rung(self, grace: int) -> dict | None:
-        return first_rung(self.rounds, grace)
+    def first_rung(self, grace: float, clock: str = "samples") -> dict | None:
+        return first_rung(self.rounds, grace, clock)
 
     @property
     def samples(self) -> int:

@@ -1,6 +1,8 @@
-"""Data-parallel cube training, worker side: what each Ray Train worker runs (`train/run.py` starts them).
+"""Data-parallel cube training, worker side: what each Ray Train worker runs (`train/run.py` starts them), and what
+a search's 1-worker trial runs right inside its Tune trial. Ray is reached only through `session`
+(cube_ray/train/session.py: rank, world size, device, reports, the checkpoint to resume from).
 
-`train_loop_per_worker(config)`:
+`train_loop_per_worker(config, session)`:
 
   1. read its shard of the train split (NumPy blocks the driver left in Ray's object store, split deterministically)
      into tensors, and the selection split from the store (`val` where the data has one, else `eval`);
@@ -10,17 +12,19 @@
      optimiser, schedule, TrainState with the RNG states; else start from `init_from`'s matching weights, if set;
   4. per epoch: steps of the fixed global batch, each worker taking its share in micro-batches sized by the
      BatchSizer (gradients accumulated, DDP syncing on the last one; an out-of-memory error halves the micro-batch
-     and retries the step). Every `report_every_samples` samples a round: the selection metric on a fixed slice of
-     the picking split (`round_eval`), latest/ saved (the state holds the step inside the epoch), a report to Ray
-     (Tune's ASHA decides on it). At the epoch's end: validation on the whole split, callbacks, and a checkpoint
-     reported to Ray with the metrics. With `stages` (train/stages.py) each epoch trains its stage's mode, and a
-     later stage's first epoch starts from best_eval/ with a fresh optimiser and schedule.
+     and retries the step). Every `report_every_samples` samples (or `report_every_s` training seconds: a search's
+     cost clock) a round: the selection metric on a fixed slice of the picking split (`round_eval`), latest/ saved
+     (the state holds the step inside the epoch), a report to Ray (Tune's ASHA decides on it). At the epoch's end:
+     validation on the whole split, callbacks, and a checkpoint reported to Ray with the metrics. With `stages`
+     (train/stages.py) each stage trains its mode, and a later stage starts from best_eval/ with a fresh optimiser
+     and schedule, at its first epoch or, with `stage_budget_s`, at the step its budget runs out.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -43,10 +47,9 @@ from cube_ray.train.batching import BatchSizer, GpuMemory, gpu_memory_budget_byt
 from cube_ray.train.calibration import calibrate_residual_mix
 from cube_ray.train.callbacks import BestCheckpoints, Callback, Curriculum, EarlyStopping, EvalSamples, RayMetrics, keep_as
 from cube_ray.train.data import Pairs, load_shard, load_split
-from cube_ray.train.device import worker_device
 from cube_ray.train.optim import make_optimizer, make_schedule
 from cube_ray.train.snapshot import build_student, check_widths, resume_snapshot, save_snapshot
-from cube_ray.train.stages import init_from, restore_best, stage_at, stage_plan, starts_stage, task_samples
+from cube_ray.train.stages import init_from, legacy_stage, next_stage_due, restore_best, stage_plan
 from cube_ray.train.state import Run, TrainState, seed_everything
 from cube_ray.train.step import accumulate, probe_step, take, train_step
 from cube_ray.train.timing import now, stamp
@@ -109,6 +112,7 @@ class Worker:
     share: int  # this worker's samples per step
     world: int
     resumed_from: str | None
+    session: object  # how this loop reaches Ray (cube_ray.train.session)
     last_epoch: int = 0  # this call trains up to here (fit's stop_after; else cfg.epochs)
     timing: dict = dataclasses.field(default_factory=dict)  # timing.json's "worker" part (rank 0 writes it)
 
@@ -130,19 +134,17 @@ def round_slice(pairs: Pairs, size: int, seed: int) -> Pairs:
                  {t: x[pick] for t, x in pairs.q.items()}, {t: x[pick] for t, x in pairs.a.items()})
 
 
-def setup_worker(config: dict) -> Worker:
+def setup_worker(config: dict, session) -> Worker:
     """Read the data, build the student, optimiser and schedule, and continue from a checkpoint if there is one."""
     import ray
-    import ray.train
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
     specs = {n: TeacherSpec(name=n, **s) for n, s in config["teachers"].items()}
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     # the worker's process start: before it, Ray Train's controller and the worker group; after it, the imports
-    timing = {"process_start": psutil.Process().create_time(), "start": now()}
+    timing = {"process_start": psutil.Process().create_time(), "pid": os.getpid(), "start": now()}
     torch.set_num_threads(cfg.cpus_per_worker)
-    device = worker_device(cfg.use_gpu)
+    device = session.device(cfg.use_gpu)
     store = EmbeddingStore(config["store"])
     shard = load_shard(ray.get(config["shards"][rank]), cfg.teachers)
     centres, input_scales = _train_statistics(cfg, shard, world, device)
@@ -156,7 +158,7 @@ def setup_worker(config: dict) -> Worker:
     student.set_input_scales(input_scales)  # a resumed run loads its own below
     # Ray's own latest checkpoint (a restarted worker) wins over --resume's folder (Train V2 has no
     # resume_from_checkpoint: the function loads it); a damaged checkpoint falls back to the previous good one.
-    snap = resume_snapshot(ray.train.get_checkpoint(), Path(config["out"]), Path(config["storage"]))
+    snap = resume_snapshot(session.checkpoint(), Path(config["out"]), Path(config["storage"]))
     if snap is None and cfg.init_from:  # a resumed run continues its own weights, wherever they started
         init_from(student, cfg, Path(config["out"]), rank)
     student.to(device)  # before the optimiser, whose state lives beside the parameters
@@ -164,7 +166,7 @@ def setup_worker(config: dict) -> Worker:
     optimizer = make_optimizer(cfg, student)
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / cfg.batch_size))
     # the first stage's schedule; a resumed run loads its stage's below
-    schedule = make_schedule(cfg, optimizer, steps_per_epoch, stage_plan(cfg)[0].epochs)
+    schedule = make_schedule(cfg, optimizer, stage_plan(cfg)[0].epochs * steps_per_epoch)
     state = TrainState()
     if snap is not None:
         check_widths(snap.checkpoint, widths, f"the train split's embeddings in {config['store']}")
@@ -174,6 +176,9 @@ def setup_worker(config: dict) -> Worker:
         if schedule is not None:
             schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["train_state"])
+        if "stage" not in saved["train_state"]:  # saved before states recorded their stage
+            state.stage, state.task_start = legacy_stage(cfg, state.epoch, state.step_in_epoch,
+                                                         steps_per_epoch * cfg.batch_size)
         if not state.restore_rng(rank, device):
             log.warning("rank %d: the checkpoint holds no RNG state for this rank (it trained with fewer workers): "
                         "seeded afresh, so this resume is not bit-exact", rank)
@@ -183,7 +188,7 @@ def setup_worker(config: dict) -> Worker:
     else:
         seed_everything(cfg.seed * 1000 + rank + 1)  # stochastic cell updates differ per rank, reproducibly
     share = cfg.batch_size // world + (rank < cfg.batch_size % world)
-    sizer = worker_batch_sizer(cfg, share, device, ctx.get_local_world_size())
+    sizer = worker_batch_sizer(cfg, share, device, session.local_world)
     timing["model_done"] = now()
     student.core.cube.prepare()  # the fused kernel: built once per machine and shape, else loaded
     timing["kernel_done"] = now()
@@ -198,7 +203,7 @@ def setup_worker(config: dict) -> Worker:
         cb.on_start(run)
     return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard,
                   round_slice(eval_pairs, cfg.round_eval_size, cfg.seed), centres, specs, config, steps_per_epoch,
-                  share, world, str(snap.checkpoint.dir) if snap is not None else None, timing=timing)
+                  share, world, str(snap.checkpoint.dir) if snap is not None else None, session, timing=timing)
 
 
 def worker_batch_sizer(cfg: TrainConfig, share: int, device: torch.device, workers_on_node: int) -> BatchSizer:
@@ -220,19 +225,23 @@ def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> None:
 
 
 def begin_stage(w: Worker) -> None:
-    """A later stage's first epoch (cube_ray.train.stages): the best model so far, a fresh optimiser and schedule
-    for the stage's epochs, early stopping counting afresh, and the micro-batch probed for the stage's tasks."""
+    """The next stage (cube_ray.train.stages): the best model so far, a fresh optimiser and schedule for the stage's
+    steps, early stopping counting afresh, and the micro-batch probed for the stage's tasks."""
     run, cfg, state = w.run, w.run.cfg, w.run.state
-    stage = stage_at(cfg, state.epoch)
+    plan = stage_plan(cfg)
+    state.stage += 1
+    stage = plan[state.stage]
+    if state.stage == len(plan) - 1:
+        state.task_start = state.samples_seen
     source = restore_best(run.student, run.out, run.rank, w.world)
     w.optimizer = make_optimizer(cfg, run.student)
-    w.schedule = make_schedule(cfg, w.optimizer, w.steps_per_epoch, stage.epochs)
+    w.schedule = make_schedule(cfg, w.optimizer, (stage.first_epoch + stage.epochs) * w.steps_per_epoch - state.global_step)
     state.epochs_without_improvement = state.epochs_without_entropy_drop = 0
     state.best_entropy = float("inf")
     probe_micro_batch(w.sizer, run, w.model, w.shard)
     if run.rank == 0:
-        log.info("stage %s from epoch %d for %d epoch(s), starting from %s", stage.mode, state.epoch + 1,
-                 stage.epochs, source)
+        log.info("stage %s from epoch %d, step %d, starting from %s", stage.mode, state.epoch + 1,
+                 state.step_in_epoch + 1, source)
 
 
 def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str, float]]]:
@@ -256,7 +265,8 @@ def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = N
     score = whole_split_score if same else selection_score(w, w.round_pairs)[0]
     row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
            "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch,
-           TASK_STEP: task_samples(w.run.cfg, state.samples_seen, w.steps_per_epoch * w.run.cfg.batch_size)}
+           TASK_STEP: state.samples_seen - state.task_start if state.stage == len(stage_plan(w.run.cfg)) - 1 else 0,
+           "at": now()}  # wall clock: the report's "what the first rung took"
     state.rounds.append(row)  # kept with TASK_STEP: the report finds the round each ASHA rung judged
     return {**row, "best_eval": state.best_eval}
 
@@ -294,8 +304,6 @@ def epoch_metrics(w: Worker, sums: dict, elapsed: float) -> dict[str, float]:
 def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
     """Hand a round's metrics to Ray, with the run's state saved as latest/. At an epoch's end the checkpoint also
     goes to Ray (which keeps the best K by the whole split's `eval`) and to best_eval/, best_loss/."""
-    import ray.train
-
     run, state = w.run, w.run.state
     state.micro_batch = w.sizer.micro
     state.batch_decisions = list(w.sizer.decisions)
@@ -311,8 +319,8 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
                 cb.on_checkpoint(run, path)
             if not epoch_end:
                 keep_as(path, run.out / "latest")
-            checkpoint = ray.train.Checkpoint.from_directory(str(path)) if epoch_end else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = path if epoch_end else None
+        w.session.report(metrics, checkpoint)
     if run.rank == 0:
         w.timing["checkpoint_s"] = w.timing.get("checkpoint_s", 0.0) + time.perf_counter() - start
         w.timing["reports"] = w.timing.get("reports", 0) + 1
@@ -320,12 +328,31 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
         stamp(run.out, "worker", **w.timing, last_report=now())
 
 
+def trained_s(w: Worker, this_epoch: float) -> float:
+    """The run's training seconds so far, given this epoch's: the cost clock of rounds and stages. Several workers
+    take rank 0's, so all of them decide alike (a collective call, made only where a setting reads the clock)."""
+    seconds = w.run.state.seconds + this_epoch
+    if w.world == 1 or not (w.run.cfg.report_every_s or w.run.cfg.stage_budget_s):
+        return seconds
+    clock = torch.tensor([seconds], dtype=torch.float64, device=w.run.device)
+    dist.broadcast(clock, src=0)
+    return clock.item()
+
+
+def round_due(w: Worker, samples_before: int, this_epoch: float) -> bool:
+    """Whether the step just taken ends a round inside the epoch (its end is one anyway): every report_every_s
+    training seconds (the cost clock), else every report_every_samples samples."""
+    cfg, state = w.run.cfg, w.run.state
+    if cfg.report_every_s:
+        last = state.rounds[-1]["time_s"] if state.rounds else 0.0
+        return trained_s(w, this_epoch) // cfg.report_every_s > last // cfg.report_every_s
+    return state.samples_seen // cfg.report_every_samples > samples_before // cfg.report_every_samples
+
+
 def train_epoch(w: Worker) -> None:
     """The rest of the current epoch (all of it, unless a round's checkpoint fell inside it), reporting each round;
     then validation on the whole picking split, the callbacks and the epoch's checkpoint."""
     run, cfg, state = w.run, w.run.cfg, w.run.state
-    if starts_stage(cfg, state.epoch, state.step_in_epoch):
-        begin_stage(w)
     for cb in w.callbacks:
         cb.on_epoch_start(run)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + state.epoch * 101 + run.rank)
@@ -333,6 +360,10 @@ def train_epoch(w: Worker) -> None:
     sums = state.partial or {"loss": 0.0, "parts": {}, "samples": 0, "seconds": 0.0}
     start = time.perf_counter()
     for step in range(state.step_in_epoch, w.steps_per_epoch):
+        if next_stage_due(cfg, state.stage, state.epoch, step, trained_s(w, sums["seconds"] + time.perf_counter() - start)):
+            paused = time.perf_counter()
+            begin_stage(w)
+            start += time.perf_counter() - paused  # set-up, not training
         w.run.student.train()
         # wraps round the shard, so every rank takes the same number of steps
         idx = order[torch.arange(step * w.share, (step + 1) * w.share) % len(w.shard)].to(run.device)
@@ -344,8 +375,7 @@ def train_epoch(w: Worker) -> None:
         sums["samples"] += len(idx)
         sums["loss"] += loss / w.steps_per_epoch
         accumulate(sums["parts"], parts, 1 / w.steps_per_epoch)
-        if state.samples_seen // cfg.report_every_samples > before // cfg.report_every_samples \
-                and step + 1 < w.steps_per_epoch:  # a round inside the epoch (its end is one anyway)
+        if step + 1 < w.steps_per_epoch and round_due(w, before, sums["seconds"] + time.perf_counter() - start):
             paused = time.perf_counter()
             state.partial = {**sums, "seconds": sums["seconds"] + paused - start}
             save_and_report(w, round_metrics(w, state.partial["seconds"]), epoch_end=False)
@@ -366,8 +396,11 @@ def train_epoch(w: Worker) -> None:
     save_and_report(w, metrics, epoch_end=True)
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    w = setup_worker(config)
+def train_loop_per_worker(config: dict, session=None) -> dict:
+    """Train as `config` (fit's train_loop_config) says; `session`: how to reach Ray (default: a Ray Train worker's)."""
+    from cube_ray.train.session import TrainSession
+
+    w = setup_worker(config, session or TrainSession())
     w.timing["setup_done"] = now()
     state = w.run.state
     stop_after = config.get("stop_after")

@@ -38,11 +38,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
-    """cosine: from each group's lr to 0 over `epochs` (the run's, or its stage's); plateau: halved after 2 epochs
+def make_schedule(cfg: TrainConfig, optimizer, steps: int):
+    """cosine: from each group's lr to 0 over `steps` (the run's, or its stage's); plateau: halved after 2 epochs
     without gain."""
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     if cfg.schedule == "plateau":  # stepped once per epoch on the eval metric
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=2, factor=0.5)
     return None

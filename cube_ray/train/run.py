@@ -4,7 +4,8 @@
 
 `prepare_run` reads the prepared split through Ray Data (contamination check, extraction of what the store lacks,
 one deterministic row range per worker) and leaves each worker's shard in Ray's object store as NumPy blocks;
-`fit` starts the trainer whose workers run `train/loop.py`. This module never imports torch: a search's trial
+`fit` starts the trainer whose workers run `train/loop.py`; `fit_in_trial` runs that loop in a search's 1-worker
+Tune trial itself. This module never imports torch: a search's trial
 driver and Ray Train's controller run it (or unpickle what it hands them), and each would pay ~2 s of CPU per
 trial to import torch for nothing. One worker trains with Ray Train's plain data-parallel trainer; several train
 with `TorchTrainer`, whose torch.distributed process group DDP needs.
@@ -145,6 +146,37 @@ def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_co
     # next report waits for that: a round cost ~1.9 s of waiting here. Polling every 0.2 s makes reports, start-up and
     # teardown that much quicker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins; Ray hands it on).
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.2")
+    run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
+                  # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
+                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                                  checkpoint_score_attribute="eval",
+                                                                  checkpoint_score_order="max"),
+                  "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
+    config = _start_run(cfg, out, store_root, resume, registry, stop_after, data, run_kwargs["storage_path"])
+    result = trainer_class(cfg.workers)(train_on_worker, train_loop_config=config, scaling_config=scaling_config(cfg),
+                                        run_config=ray.train.RunConfig(**run_kwargs)).fit()
+    if result.error:
+        raise result.error
+    return _fit_result(out, result.return_value or {})
+
+
+def fit_in_trial(cfg: TrainConfig, out: str | Path, data: RunData, resume: bool) -> FitResult:
+    """A search's 1-worker trial: the same run as `fit`'s, its loop called right here in the Tune trial (no Ray Train
+    controller or worker group), reporting to Tune (cube_ray.train.session.TuneSession). Tune keeps the epochs'
+    checkpoints in the trial's folder `out` itself. The search's driver holds the experiment's lock."""
+    from cube_ray.train.loop import train_loop_per_worker
+    from cube_ray.train.session import TuneSession
+
+    cfg.validate()
+    out = Path(out).resolve()
+    config = _start_run(cfg, out, data.store, resume, None, None, data, str(out))
+    return _fit_result(out, train_loop_per_worker(config, TuneSession()))
+
+
+def _start_run(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, stop_after, data: RunData | None,
+               storage: str) -> dict:
+    """Repair what killed runs left in `out`, check it may (or may not) be resumed, save config.yaml, prepare the
+    data, and return the loop's config (train/loop.py); `storage`: where Ray keeps the run's epoch checkpoints."""
     for name in ("latest", "best_eval", "best_loss"):  # a save killed between its two renames left one aside
         recover_swap(out / name)
     for stale in out.glob(f"{SNAPSHOT_PREFIX}*"):
@@ -164,22 +196,13 @@ def _fit(cfg: TrainConfig, out: Path, store_root, resume: bool, registry, run_co
     if len(data.shards) != cfg.workers or list(data.specs) != cfg.teachers:
         raise ValueError(f"the prepared data has {len(data.shards)} shard(s) for teachers {list(data.specs)}; this "
                          f"run needs {cfg.workers} for {cfg.teachers}")
-    run_kwargs = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": str(out / "ray"),
-                  # Ray keeps the best K epoch checkpoints by the eval metric, and the latest
-                  "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                                  checkpoint_score_attribute="eval",
-                                                                  checkpoint_score_order="max"),
-                  "failure_config": ray.train.FailureConfig(max_failures=2), **(run_config_kwargs or {})}
-    config = {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
-                                                  for t, s in data.specs.items()},
-              "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
-              "stop_after": stop_after, "storage": run_kwargs["storage_path"], "data_ref": data.data_ref,
-              "shards": data.shards}
-    result = trainer_class(cfg.workers)(train_on_worker, train_loop_config=config, scaling_config=scaling_config(cfg),
-                                        run_config=ray.train.RunConfig(**run_kwargs)).fit()
-    if result.error:
-        raise result.error
-    ret = result.return_value or {}
+    return {"train": to_dict(cfg), "teachers": {t: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+                                                for t, s in data.specs.items()},
+            "store": data.store, "dataset_id": data.dataset_id, "train_rows": data.rows, "out": str(out),
+            "stop_after": stop_after, "storage": storage, "data_ref": data.data_ref, "shards": data.shards}
+
+
+def _fit_result(out: Path, ret: dict) -> FitResult:
     return FitResult(out, ret.get("history", []), ret.get("stopped", ""), ret.get("batch_decisions", []),
                      ret.get("worker_peak_rss_mb", []), ret.get("resumed_from"))
 

@@ -122,7 +122,9 @@ def resume_snapshot(ray_checkpoint, out: Path, storage: Path) -> Snapshot | None
     if newest:
         return max(newest, key=lambda snap: snap.checkpoint.state["train_state"]["global_step"])
     ray_path = getattr(ray_checkpoint, "path", None)  # already tried above
-    older = sorted((d for d in storage.glob("*/checkpoint_*") if d.is_dir() and str(d) != ray_path), key=lambda d: (d / "checkpoint.json").stat().st_mtime
+    # Ray Train keeps them in a run folder under `storage` (<storage>/<run>/checkpoint_*), Tune in the trial's folder
+    found = [*storage.glob("checkpoint_*"), *storage.glob("*/checkpoint_*")]
+    older = sorted((d for d in found if d.is_dir() and str(d) != ray_path), key=lambda d: (d / "checkpoint.json").stat().st_mtime
                    if (d / "checkpoint.json").exists() else 0.0, reverse=True)
     for candidate in older:
         if (snap := load(candidate)) is not None:

@@ -3,7 +3,8 @@
 The plan's first breakthrough approach is autoencoder -> Q->A: the adapters and the cube first learn to carry a
 text's own embedding through the lattice, then to answer. `stages: [autoencoder, dialogue]` trains those modes in
 turn within one run, `stage_share` of its epochs going to the stages before the last (split evenly; the last stage
-always keeps at least one epoch, so a short budget may skip an early stage). Whatever the stage trains, every round
+always keeps at least one epoch, so a short budget may skip an early stage), or less: with `stage_budget_s` the early
+stages end once they have trained that many seconds, inside an epoch if need be. Whatever the stage trains, every round
 and epoch is scored on the run's task (`mode`, the last stage): a search's rungs then compare trials like with like,
 and best_eval/ is the best model for the task. Each later stage starts from best_eval/ so far, the best model of
 the stages before it, with a fresh optimiser and schedule (the moments of another objective would steer its first
@@ -54,10 +55,12 @@ def stage_at(cfg: TrainConfig, epoch: int) -> Stage:
     return next((s for s in stage_plan(cfg) if s.first_epoch <= epoch < s.first_epoch + s.epochs), stage_plan(cfg)[-1])
 
 
-def task_samples(cfg: TrainConfig, samples_seen: int, epoch_samples: int) -> int:
-    """Of `samples_seen` training samples (epochs of `epoch_samples` each), those trained on the run's task: its last
-    stage's. A search's rungs count these (cube_ray.experiment.TASK_STEP)."""
-    return max(0, samples_seen - stage_plan(cfg)[-1].first_epoch * epoch_samples)
+def legacy_stage(cfg: TrainConfig, epoch: int, step_in_epoch: int, epoch_samples: int) -> tuple[int, int]:
+    """TrainState's (stage, task_start) for a checkpoint saved before states recorded them: stages then began at
+    epoch starts only, and an epoch not yet begun (step 0) was still in the stage of the one before."""
+    plan = stage_plan(cfg)
+    stage = plan.index(stage_at(cfg, max(0, epoch - (step_in_epoch == 0))))
+    return stage, plan[-1].first_epoch * epoch_samples
 
 
 def load_matching(student: torch.nn.Module, path: str | Path) -> dict:
@@ -100,18 +103,28 @@ def init_from(student: torch.nn.Module, cfg: TrainConfig, out: Path, rank: int) 
                  ", ".join(summary["new"]) or "nothing")
 
 
-def starts_stage(cfg: TrainConfig, epoch: int, step_in_epoch: int) -> bool:
-    """Whether epoch `epoch` begins a stage after the first (and has not begun yet: a resumed epoch has)."""
-    return step_in_epoch == 0 and epoch > 0 and stage_at(cfg, epoch).first_epoch == epoch
+def next_stage_due(cfg: TrainConfig, stage: int, epoch: int, step_in_epoch: int, trained_s: float) -> bool:
+    """Whether a run training stage `stage` (an index into stage_plan) begins the next one before its next step: at
+    that stage's first epoch, or, with `stage_budget_s`, once the stages so far have trained their share of it in
+    seconds (a search on the cost clock bounds a staged trial's early stages by its first rung this way)."""
+    plan = stage_plan(cfg)
+    if stage >= len(plan) - 1:
+        return False
+    if step_in_epoch == 0 and epoch >= plan[stage + 1].first_epoch:
+        return True
+    return bool(cfg.stage_budget_s) and trained_s >= cfg.stage_budget_s * (stage + 1) / (len(plan) - 1)
 
 
 def restore_best(student: torch.nn.Module, out: Path, rank: int, world: int) -> str:
-    """Load best_eval/ into `student` on rank 0 and send it to every other rank; returns where it came from."""
+    """Load best_eval/ into `student` on rank 0 and send it to every other rank; returns where it came from. The step
+    cap stays the current one (the curriculum's for this epoch; a stage can begin inside an epoch)."""
     best = out / "best_eval"
     source = "the current weights (no best_eval/ yet)"
     if rank == 0 and (best / "checkpoint.json").exists():
         weights = load_checkpoint(best).weights
+        cap = student.step_cap.clone()
         student.load_state_dict({k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")})
+        student.step_cap.copy_(cap)
         source = str(best)
     if world > 1:
         for tensor in list(student.parameters()) + list(student.buffers()):

@@ -13,7 +13,7 @@ import torch
 from cube_ray.config import TrainConfig
 from cube_ray.model import Student
 from cube_ray.train.data import Pairs
-from cube_ray.train.stages import stage_at
+from cube_ray.train.stages import stage_plan
 
 
 @dataclasses.dataclass
@@ -32,7 +32,9 @@ class TrainState:
     batch_decisions: list[str] = dataclasses.field(default_factory=list)
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row of metrics per epoch
     rounds: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one row per round (see Round)
-    seconds: float = 0.0  # wall time of the epochs so far (training and validation), across resumes
+    seconds: float = 0.0  # training seconds so far (steps only: no scoring, saving nor set-up), across resumes
+    stage: int = 0  # the stage being trained (an index into cube_ray.train.stages.stage_plan)
+    task_start: int = 0  # samples_seen when the last stage (the run's task) began: ASHA's sample clock starts there
     rng: dict[str, Any] = dataclasses.field(default_factory=dict)  # every rank's RNG states, by rank ("0", "1", …)
 
     def capture_rng(self, device: torch.device = torch.device("cpu")) -> None:
@@ -80,8 +82,8 @@ class Run:
 
     @property
     def task_mode(self) -> str:
-        """The mode this epoch trains: its stage's (cube_ray.train.stages); every epoch is scored on cfg.mode."""
-        return stage_at(self.cfg, self.state.epoch).mode
+        """The mode the run trains now: its stage's (cube_ray.train.stages); every epoch is scored on cfg.mode."""
+        return stage_plan(self.cfg)[self.state.stage].mode
 
 
 def _tuples(value):

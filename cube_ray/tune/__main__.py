@@ -63,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                    f"and report included: the trials get what is left, at most --time-budget-s; 0 = no limit (default: "
                    f"{SAMPLE_WALL_BUDGET_S} on the bundled sample, else no limit)")
     p.add_argument("--max-epochs", type=positive_int, help="cap every trial's epochs, whatever the space samples (default: no cap)")
-    p.add_argument("--grace-samples", type=positive_int, help="ASHA: training samples before a trial can be stopped "
-                   "(default: the space file's scheduler.grace_samples)")
+    p.add_argument("--asha-clock", choices=["cost", "samples"],
+                   help="what ASHA's rungs count: cost, a trial's training seconds (a config 10x slower must be 10x "
+                   "better per second), or samples, its training samples of the task (default: the space file's "
+                   "scheduler.clock)")
+    p.add_argument("--grace-s", type=float_at_least(0.01), help="ASHA on the cost clock: training seconds before a "
+                   "trial can be stopped, and a round's length (default: the space file's scheduler.grace_s)")
+    p.add_argument("--grace-samples", type=positive_int, help="ASHA on the samples clock: training samples before a "
+                   "trial can be stopped (default: the space file's scheduler.grace_samples)")
     p.add_argument("--reduction-factor", type=int_in(2), help="ASHA reduction factor (default: the space file's)")
     p.add_argument("--report-every-samples", type=positive_int, help="a round: trials report to Tune every this many "
                    "training samples (default: the space's base preset's report_every_samples)")
@@ -106,7 +112,8 @@ def search_from_flags(args: argparse.Namespace, name: str) -> SearchConfig:
         teachers=args.teachers.split(",") if args.teachers else None, teacher_config=args.teacher_config,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker,
-        gpus_per_actor=args.gpus_per_actor, grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
+        gpus_per_actor=args.gpus_per_actor, asha_clock=args.asha_clock, grace_s=args.grace_s,
+        grace_samples=args.grace_samples, reduction_factor=args.reduction_factor,
         report_every_samples=args.report_every_samples, keep_checkpoints=args.keep_checkpoints,
         time_budget_s=args.time_budget_s or None, wall_budget_s=args.wall_budget_s or None,
         max_epochs=args.max_epochs, continue_from=args.continue_from,

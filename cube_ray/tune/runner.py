@@ -1,17 +1,21 @@
-"""The search: Optuna's TPE proposes, ASHA stops, each trial trains the cube with Ray Train.
+"""The search: Optuna proposes, ASHA stops, each trial trains the cube.
 
     run_search(SearchConfig) -> experiment folder <out>/<name>/
 
 1. Make every path absolute (trials run in working directories of their own), load and validate the search space,
    prepare the data (the contamination check refuses a bad split here, before any trial) and extract every
    teacher's embeddings once; all trials read the same store.
-2. A Tune trial is a small driver (`run_trial`, 0 CPUs): it builds the trial's TrainConfig and calls `fit`, whose
-   Ray Train workers hold the CPUs. The Train run has a stable name inside the trial folder, so a restarted trial
-   continues its own run from the latest checkpoint, and `TuneReportCallback` hands every round's metrics to Tune.
-3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs counted in training samples of
-   the task (`task_samples`: a staged trial's count starts with its last stage), so a trial can be stopped long
-   before its first epoch ends; OptunaSearch (TPE with the space's settings, constant liar) samples define-by-run
-   into the durable study of `study.py`.
+2. A trial with one worker (the default) trains right inside its Tune trial (`fit_in_trial`: a function trainable
+   holding the worker's CPUs, its process reused by the next trial), so it starts in a second or two instead of
+   waiting ~30 s for a Ray Train controller, a worker group and their imports. A trial with several workers is a
+   small driver (0 CPUs) that calls `fit`, whose Ray Train workers hold the CPUs; `TuneReportCallback` hands every
+   round's metrics to Tune. Either way a restarted trial continues its own run from its latest checkpoint.
+3. ASHA compares trials on `round_eval` (the picking split's fixed slice) at rungs on the search's clock: training
+   seconds ("cost", the default: a config ten times slower must be ten times better per second to survive a rung;
+   a staged trial's early stages end within the first rung) or training samples of the task ("samples"). On the
+   cost clock a round comes every first rung's worth of seconds, so every trial is judged right after each rung.
+   OptunaSearch (TPE with the space's settings, constant liar) samples define-by-run into the durable study of
+   `study.py`.
 4. `--resume` restores the Tuner: finished trials stay, unfinished ones continue, the study is the same file.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 from cube_ray.config import ConfigError, SearchConfig, flatten, load_yaml, save_yaml
-from cube_ray.experiment import ASHA_STOPPED, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, TASK_STEP, TRIAL
+from cube_ray.experiment import ASHA_STOPPED, CLOCK_STEP, DONE_TRAINING, FINISHED, ROUND_METRIC, SEARCH, TRIAL
 from cube_ray.fsutil import atomic_write_text, folder_lock, recover_swap
 from cube_ray.train.run import with_init_checkpoint
 from cube_ray.train.timing import now, stamp
@@ -45,11 +49,9 @@ TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
 def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
-    """ASHA on `round_eval` at rungs in training samples of the task, recording each trial it stops in the experiment
-    folder."""
+    """ASHA on `round_eval` at rungs on the search's clock (training seconds, or training samples of the task),
+    recording each trial it stops in the experiment folder."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    max_t = trial_epochs(search, space) * epoch_samples(space, train_rows)
 
     class RecordingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
@@ -61,9 +63,13 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
             return action
 
     grace, factor = scheduler_settings(search, space)
+    if asha_clock(search, space) == "cost":  # a trial ends by its epochs: rungs up to a day of training
+        max_t = 86400.0
+    else:
+        max_t = trial_epochs(search, space) * epoch_samples(space, train_rows)
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
-    return RecordingASHA(time_attr=TASK_STEP, metric=ROUND_METRIC, mode="max", max_t=max(max_t, grace), grace_period=grace,
-                         reduction_factor=factor, stop_last_trials=False)
+    return RecordingASHA(time_attr=CLOCK_STEP[asha_clock(search, space)], metric=ROUND_METRIC, mode="max",
+                         max_t=max(max_t, grace), grace_period=grace, reduction_factor=factor, stop_last_trials=False)
 
 
 def epoch_samples(space: SearchSpace, train_rows: int) -> int:
@@ -75,10 +81,17 @@ def epoch_samples(space: SearchSpace, train_rows: int) -> int:
     return max(math.ceil(train_rows / b) * b for b in batches)
 
 
-def scheduler_settings(search: SearchConfig, space: SearchSpace) -> tuple[int, int]:
-    """ASHA's grace period (samples) and reduction factor: the command's, else the space file's."""
-    return (search.grace_samples or space.scheduler.grace_samples,
-            search.reduction_factor or space.scheduler.reduction_factor)
+def asha_clock(search: SearchConfig, space: SearchSpace) -> str:
+    """What ASHA's rungs count, "cost" (training seconds) or "samples": the command's, else the space file's."""
+    return search.asha_clock or space.scheduler.clock
+
+
+def scheduler_settings(search: SearchConfig, space: SearchSpace) -> tuple[float, int]:
+    """ASHA's grace period (seconds on the cost clock, samples on the samples clock) and reduction factor: the
+    command's, else the space file's."""
+    grace = (search.grace_s or space.scheduler.grace_s) if asha_clock(search, space) == "cost" \
+        else (search.grace_samples or space.scheduler.grace_samples)
+    return grace, search.reduction_factor or space.scheduler.reduction_factor
 
 
 def space_for(search: SearchConfig) -> SearchSpace:
@@ -92,7 +105,10 @@ def space_for(search: SearchConfig) -> SearchSpace:
                                cpus_per_worker=search.cpus_per_worker, use_gpu=search.use_gpu,
                                gpus_per_worker=search.gpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
                                epochs=trial_epochs(search, space),
-                               report_every_samples=search.report_every_samples or space.base.report_every_samples)
+                               report_every_samples=search.report_every_samples or space.base.report_every_samples,
+                               # on the cost clock a round every first rung's worth of training seconds: every rung
+                               # (a multiple of it) is judged right after a trial reaches it
+                               report_every_s=scheduler_settings(search, space)[0] if asha_clock(search, space) == "cost" else 0.0)
     base.validate()
     base = with_init_checkpoint(base)  # absolute: a trial resolves a relative path in its own working directory
     check_warmup_fits(search, space, base.epochs)
@@ -125,40 +141,50 @@ def trial_epochs(search: SearchConfig, space: SearchSpace) -> int:
     return min(budget, search.max_epochs or budget)
 
 
-def trial_config(config: dict, space: SearchSpace):
-    """The TrainConfig of one trial's sampled values (on the search's base: data, teachers, epochs budget)."""
+def trial_config(config: dict, space: SearchSpace, search: SearchConfig):
+    """The TrainConfig of one trial's sampled values (on the search's base: data, teachers, epochs budget). On the
+    cost clock a staged trial's early stages end within stage_share of the first rung, so every trial meets that rung
+    having trained the task it is scored on, and none holds a worker past it unjudged."""
     cfg = space.train_config(config)
+    if asha_clock(search, space) == "cost" and cfg.stages:
+        cfg = dataclasses.replace(cfg, stage_budget_s=cfg.stage_share * scheduler_settings(search, space)[0])
     cfg.validate()
     return cfg
 
 
 def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> None:
-    """One Tune trial: train the sampled config with Ray Train, on the driver's prepared data, in the trial folder."""
+    """One Tune trial: train the sampled config on the driver's prepared data, in the trial folder. With one worker
+    (the default) the training loop runs right here (`fit_in_trial`); with several, a Ray Train run (`fit`)."""
     import ray.train
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cube_ray.train.run import fit
+    from cube_ray.train.run import fit, fit_in_trial
 
     # The trial folder in the experiment (not Tune's local staging copy, which a stopped trial never syncs back):
     # checkpoints land where a restarted trial, --resume and the report look for them.
     started = now()
     trial_dir = experiment_dir(search) / f"trial_{ray.tune.get_context().get_trial_id()}"
-    prune_unregistered_checkpoints(trial_dir / "train")
     recover_swap(trial_dir / "latest")  # a restarted trial's killed save: before deciding whether to resume
-    cfg = trial_config(config, space)
+    cfg = trial_config(config, space, search)
     trial_dir.mkdir(parents=True, exist_ok=True)  # the sampled values, flat, beside the trial's checkpoints
     atomic_write_text(trial_dir / TRIAL, json.dumps(flatten(config)))
     stamp(trial_dir, "trial", start=started, fit_start=now())
-    # lock=False: the search's driver holds the experiment's lock, and this trial alone writes its folder.
-    # A crashed worker fails the Train run and Tune retries the trial (FailureConfig in _tuner), which resumes from
-    # latest/. Ray Train's own retry is off: when Tune stops a trial, its controller can see its worker killed first
-    # and start a new worker group, whose placement group (1 CPU) outlives the dying controller and stays reserved
-    # for the rest of the search (seen here: a later 2-CPU extraction then waited forever).
-    result = fit(cfg, search.store, trial_dir, resume=(trial_dir / "latest").exists(), data=data, lock=False,
-                 run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
-                                    "callbacks": [TuneReportCallback()],
-                                    "failure_config": ray.train.FailureConfig(max_failures=0)})
+    resume = (trial_dir / "latest").exists()
+    if search.workers_per_trial == 1:
+        result = fit_in_trial(cfg, trial_dir, data, resume)
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        prune_unregistered_checkpoints(trial_dir / "train")
+        # lock=False: the search's driver holds the experiment's lock, and this trial alone writes its folder.
+        # A crashed worker fails the Train run and Tune retries the trial (FailureConfig in _tuner), which resumes
+        # from latest/. Ray Train's own retry is off: when Tune stops a trial, its controller can see its worker
+        # killed first and start a new worker group, whose placement group (1 CPU) outlives the dying controller
+        # and stays reserved for the rest of the search (seen here: a later 2-CPU extraction then waited forever).
+        result = fit(cfg, search.store, trial_dir, resume=resume, data=data, lock=False,
+                     run_config_kwargs={"name": "train", "storage_path": str(trial_dir),
+                                        "callbacks": [TuneReportCallback()],
+                                        "failure_config": ray.train.FailureConfig(max_failures=0)})
     atomic_write_text(trial_dir / FINISHED, json.dumps({"epochs": len(result.history), "stopped": result.stopped}))
     stamp(trial_dir, "trial", fit_end=now())
 
@@ -200,9 +226,8 @@ def experiment_dir(search: SearchConfig) -> Path:
 def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
     import ray.tune
 
-    # The trial's driver reserves no CPU (its Train workers hold them); Tune needs a non-empty request, so memory.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, search=search, space=space, data=data),
-                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+                                        trial_resources(search, space))
     exp = experiment_dir(search)
     if restore:
         return ray.tune.Tuner.restore(str(exp), trainable, resume_errored=True)
@@ -217,9 +242,25 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
                                         num_samples=search.num_samples,
                                         max_concurrent_trials=concurrency(search, space),
                                         time_budget_s=search.time_budget_s,
+                                        # a 1-worker trial's process (imports, the loaded kernel) serves the next
+                                        # trial: the loop seeds and builds everything afresh per trial
+                                        reuse_actors=search.workers_per_trial == 1,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=ray.tune.RunConfig(name=search.name, storage_path=str(exp.parent),
+                                      # the epochs' checkpoints a 1-worker trial reports: Tune keeps the best K
+                                      checkpoint_config=ray.tune.CheckpointConfig(
+                                          num_to_keep=search.keep_checkpoints, checkpoint_score_attribute="eval",
+                                          checkpoint_score_order="max"),
                                       failure_config=ray.tune.FailureConfig(max_failures=search.max_failures)))
+
+
+def trial_resources(search: SearchConfig, space: SearchSpace) -> dict:
+    """What a trial reserves. A 1-worker trial trains in its own process: the worker's CPUs (and GPU share). A
+    Ray Train trial's driver reserves no CPU (its Train workers hold them); Tune needs a non-empty request, so
+    memory."""
+    if search.workers_per_trial > 1:
+        return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    return {"CPU": space.base.cpus_per_worker, **({"GPU": space.base.gpus_per_worker} if space.base.use_gpu else {})}
 
 
 def start_points(space: SearchSpace) -> list[dict] | None:
@@ -297,7 +338,9 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     registry = load_registry(search.teacher_config, search.gpus_per_actor)
     space = space_for(search)  # a malformed space fails here, before Ray starts
     grace, factor = scheduler_settings(search, space)  # saved as used, so the report and --resume read them
-    search = dataclasses.replace(search, grace_samples=grace, reduction_factor=factor,
+    clock = asha_clock(search, space)
+    search = dataclasses.replace(search, asha_clock=clock, reduction_factor=factor,
+                                 **{"grace_s" if clock == "cost" else "grace_samples": grace},
                                  report_every_samples=space.base.report_every_samples)
     init_ray(address)
     require_state_api()

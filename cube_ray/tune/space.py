@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -106,17 +107,19 @@ class SamplerSettings:
 
 @dataclasses.dataclass
 class SchedulerSettings:
-    """ASHA on the samples trained on the task (the space file's `scheduler:` mapping): rungs at
-    grace_samples x reduction_factor^k."""
+    """ASHA's rungs (the space file's `scheduler:` mapping): at grace_s x reduction_factor^k training seconds on the
+    cost clock, at grace_samples x reduction_factor^k samples of the task on the samples clock."""
 
-    grace_samples: int = 1024  # every trial trains this many samples before ASHA may stop it
+    clock: typing.Literal["samples", "cost"] = "cost"  # what the rungs count (SearchConfig.asha_clock)
+    grace_s: float = 3.0  # cost clock: every trial trains this many seconds before ASHA may stop it
+    grace_samples: int = 1024  # samples clock: every trial trains this many samples before ASHA may stop it
     reduction_factor: int = 3  # each rung keeps the best 1/reduction_factor
     epochs: int | None = None  # the budget of a trial no rung stopped (None: the base preset's epochs)
 
     def validate(self) -> None:
-        if self.grace_samples < 1 or self.reduction_factor < 2 or (self.epochs is not None and self.epochs < 1):
-            raise ValueError(f"need grace_samples >= 1, reduction_factor >= 2 and epochs >= 1, got "
-                             f"{self.grace_samples}, {self.reduction_factor}, {self.epochs}")
+        if not 0 < self.grace_s < math.inf or self.grace_samples < 1 or self.reduction_factor < 2 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"need grace_s > 0, grace_samples >= 1, reduction_factor >= 2 and epochs >= 1, got "
+                             f"{self.grace_s}, {self.grace_samples}, {self.reduction_factor}, {self.epochs}")
 
 
 @dataclasses.dataclass

@@ -262,3 +262,31 @@ def test_each_worker_gets_its_row_range_of_the_train_split_as_numpy_blocks(store
         assert shard.ids == [split.ids[i] for i in order]
         assert torch.equal(shard.q["minilm"], split.q["minilm"][order])
         assert torch.equal(shard.a["minilm"], split.a["minilm"][order])
+
+
+def test_in_a_tune_trial_the_loop_trains_as_in_a_ray_train_run(store, tmp_path):
+    """A search's 1-worker trial runs the loop right in its Tune trial (fit_in_trial, reporting through TuneSession);
+    a Ray Train run (fit, TrainSession) of the same config and seed gives the same rounds, epochs and weights."""
+    import ray.tune
+
+    from cube_ray.train.run import fit_in_trial
+
+    cfg = small(report_every_samples=96)  # rounds inside the epochs too
+    trained = fit(cfg, store, tmp_path / "train")
+    data = prepare_run(cfg, store)
+
+    def trainable(config):
+        fit_in_trial(cfg, tmp_path / "trial", data, resume=False)
+
+    results = ray.tune.Tuner(ray.tune.with_resources(trainable, {"CPU": 1}),
+                             run_config=ray.tune.RunConfig(name="one", storage_path=str(tmp_path / "tune"))).fit()
+    assert not results.errors
+    timed = {"time_s", "samples_per_s", "peak_rss_mb", "at"}  # wall-clock figures
+    state = {run: load_checkpoint(tmp_path / run / "latest").state["train_state"] for run in ("train", "trial")}
+    for key in ("history", "rounds"):
+        rows = {run: [{k: v for k, v in r.items() if k not in timed} for r in s[key]] for run, s in state.items()}
+        assert rows["trial"] == rows["train"] and len(rows["train"]) > len(trained.history) * (key == "rounds")
+    assert [r["eval"] for r in results[0].metrics_dataframe.dropna(subset=["eval"]).to_dict("records")] == \
+        [h["eval"] for h in trained.history]  # Tune got every epoch's report
+    a, b = weights(tmp_path / "train" / "best_eval"), weights(tmp_path / "trial" / "best_eval")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,7 +19,7 @@ def test_wide_layers_take_lr_times_base_over_fan_in_and_the_schedule_decays_ever
     assert lr_of[id(student.adapters["minilm"].inp.weight)] == pytest.approx(2e-3 * 256 / 384)
     assert lr_of[id(student.adapters["minilm"].inp.bias)] == lr_of[id(student.core.halt.weight)] == 2e-3
     assert optimizer.param_groups[0]["lr"] == 2e-3  # the logged lr is the run's own
-    schedule = make_schedule(cfg, optimizer, steps_per_epoch=5, epochs=2)
+    schedule = make_schedule(cfg, optimizer, steps=10)
     for _ in range(5):
         optimizer.step()
         schedule.step()

@@ -8,7 +8,7 @@ from cube_ray.config import ConfigError, TrainConfig, from_dict
 from cube_ray.model import AdapterConfig, CubeConfig
 from cube_ray.teachers.registry import TeacherSpec
 from cube_ray.train.snapshot import build_student, save_snapshot
-from cube_ray.train.stages import Stage, load_matching, stage_at, stage_plan, starts_stage, task_samples
+from cube_ray.train.stages import Stage, legacy_stage, load_matching, next_stage_due, stage_at, stage_plan
 
 
 def plan(epochs, stages, share=0.5):
@@ -29,15 +29,28 @@ def test_each_epoch_trains_its_stage_and_a_stage_begins_once():
     cfg = TrainConfig(epochs=4, stages=["autoencoder", "dialogue"])
     assert [stage_at(cfg, e).mode for e in range(5)] == ["autoencoder"] * 2 + ["dialogue"] * 3
     assert stage_at(cfg, 2) == Stage("dialogue", 2, 2)
-    assert [starts_stage(cfg, e, 0) for e in range(4)] == [False, False, True, False]
-    assert not starts_stage(cfg, 2, 5)  # a resumed epoch inside the stage has begun already
+    # training stage 0: the next one is due at epoch 2's first step, and not again once it has begun (stage 1)
+    assert [next_stage_due(cfg, 0, e, 0, 0.0) for e in range(4)] == [False, False, True, True]
+    assert not next_stage_due(cfg, 1, 2, 0, 0.0) and not next_stage_due(cfg, 1, 3, 5, 1e9)
+    assert not next_stage_due(cfg, 0, 1, 5, 1e9)  # no stage_budget_s: seconds do not count
 
 
-def test_only_the_last_stage_trains_the_task():
-    """The samples a search's rungs count: a staged run's start with its last stage (epochs of 100 samples here)."""
-    staged = TrainConfig(epochs=4, stages=["autoencoder", "dialogue"])  # 2 epochs each
-    assert [task_samples(staged, s, 100) for s in (0, 100, 200, 250, 400)] == [0, 0, 0, 50, 200]
-    assert task_samples(TrainConfig(epochs=4), 250, 100) == 250  # one stage: every sample
+def test_a_stage_budget_ends_the_early_stages_inside_an_epoch():
+    """The cost clock bounds a staged trial's early stages by seconds (stage_budget_s): the next stage is due at the
+    first step after the stages so far trained their share of it, wherever in an epoch that falls."""
+    cfg = TrainConfig(epochs=6, stages=["autoencoder", "dual", "dialogue"], stage_share=0.5, stage_budget_s=10.0)
+    assert [next_stage_due(cfg, 0, 0, 3, s) for s in (4.9, 5.0)] == [False, True]  # half the budget each
+    assert [next_stage_due(cfg, 1, 0, 7, s) for s in (9.9, 10.0)] == [False, True]
+    assert not next_stage_due(cfg, 2, 0, 9, 100.0)  # the last stage trains to the end
+    assert next_stage_due(cfg, 0, 2, 0, 0.0)  # the epochs' plan still ends a stage whose budget outlasts it
+
+
+def test_checkpoints_saved_before_states_recorded_their_stage_resume_in_it():
+    """Then stages began at epoch starts only; a checkpoint at an epoch's step 0 had not begun that epoch's stage."""
+    staged = TrainConfig(epochs=4, stages=["autoencoder", "dialogue"])  # 2 epochs each, 100 samples an epoch
+    assert [legacy_stage(staged, e, step, 100) for e, step in ((0, 0), (1, 3), (2, 0), (2, 1), (3, 0))] == \
+        [(0, 200), (0, 200), (0, 200), (1, 200), (1, 200)]
+    assert legacy_stage(TrainConfig(epochs=4), 2, 0, 100) == (0, 0)  # one stage: every sample is the task's
 
 
 @pytest.mark.parametrize("data, message", [

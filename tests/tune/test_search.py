@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cube_ray.checkpoint import load_checkpoint
@@ -64,23 +65,28 @@ def epoch_reports(trial: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "eval" in r]
 
 
+def ray_checkpoints(trial: Path) -> list[Path]:
+    """The epoch checkpoints Ray keeps: Tune's in the trial's folder (a 1-worker trial), Ray Train's in its run's."""
+    return [p for p in [*trial.glob("checkpoint_*"), *(trial / "train").glob("checkpoint_*")] if p.is_dir()]
+
+
 def check_retention(trial: Path) -> None:
     """Ray keeps the best K epoch checkpoints plus the latest; we keep latest, best_loss, best_eval. A trial ASHA
     stopped at a rung inside its first epoch has only the rounds' latest/ (epoch checkpoints come at an epoch's end).
     An epoch's end writes our folders first, then hands Ray its checkpoint with the report: a trial ASHA stops in
     between has the epoch in our folders and not in Ray's, so Ray's side is checked against the reports Tune got."""
-    ray_checkpoints = [p for p in (trial / "train").glob("checkpoint_*") if p.is_dir()]
+    kept = ray_checkpoints(trial)
     assert prune_unregistered_checkpoints(trial / "train") == [], trial
-    assert len(ray_checkpoints) <= KEEP + 1, (trial, ray_checkpoints)
+    assert len(kept) <= KEEP + 1, (trial, kept)
     reported = epoch_reports(trial)
-    assert len(ray_checkpoints) >= min(1, len(reported)), (trial, ray_checkpoints, len(reported))
+    assert len(kept) >= min(1, len(reported)), (trial, kept, len(reported))
     ours = {p.name for p in trial.iterdir() if (p / "checkpoint.json").exists()}
     epochs = [row["epoch"] for row in history(trial)]
     assert {r["epoch"] for r in reported} <= set(epochs), (trial, reported, epochs)  # ours never lag Ray's
     if epochs:
         assert ours == {"latest", "best_loss", "best_eval"}, (trial, sorted(p.name for p in trial.iterdir()))
     else:
-        assert ray_checkpoints == [] and ours == {"latest"}, (trial, ray_checkpoints, sorted(ours))
+        assert kept == [] and ours == {"latest"}, (trial, kept, sorted(ours))
 
 
 def test_smoke_search_writes_a_report_whose_best_checkpoint_evaluates(smoke, capsys):
@@ -249,7 +255,7 @@ def test_every_path_is_under_the_working_directory_with_the_default_relative_out
     assert len(trials) == 2 and all((t / "latest" / "checkpoint.json").exists() for t in trials)
     best = Path((exp / "best_checkpoint").read_text().strip())
     assert best.is_relative_to(exp) and (best / "checkpoint.json").exists()
-    assert any((best.parent / "train").glob("checkpoint_*"))  # Ray's own (epoch) checkpoints, too
+    assert ray_checkpoints(best.parent)  # Ray's own (epoch) checkpoints, too
     # nothing the search writes lands under Ray's session folder (Ray Tune stages its own driver files there), and
     # the trials' working directories there stay empty
     ours = {TRIAL, FINISHED, "checkpoint.json", "config.yaml", "timing.json", "report.md", "study.journal"}
@@ -348,6 +354,27 @@ def test_a_two_teacher_smoke_search_trains_each_fusion(cluster, store, tmp_path)
     assert "| distilled or fused student: MRR from tiny-llama's questions / identity MRR | > 0.7 |" in report
 
 
+def test_a_reused_trial_process_trains_the_next_trial_as_a_fresh_one(cluster, store, tmp_path):
+    """1-worker trials train in Tune's trial processes, each reused by the next trial (reuse_actors): one trial at a
+    time, lr 0.003 (the base preset), 0.009, then 0.003 again, all in one process. The third trains exactly what
+    the first trained: nothing of the trials before it (seeds, weights, the step cap, the kernel) leaks into it."""
+    space = tmp_path / "again.yaml"
+    space.write_text(yaml.safe_dump({"base": "smoke", "start_at_base": True, "points": [{"lr": 0.009}, {"lr": 0.003}],
+                                     "scheduler": {"clock": "samples", "grace_samples": 10 ** 6, "epochs": 2},
+                                     "params": {"lr": {"type": "log-float", "low": 1e-3, "high": 1e-2}}}))
+    search = SearchConfig(space=str(space), name="again", out=str(tmp_path), store=str(store), seed=0,
+                          data=DataConfig(limit=300), num_samples=3, max_concurrent=1)
+    exp = run_search(search, address=cluster.address)
+    first, other, again = [exp / f"trial_{t.user_attrs[TRIAL_ID]}" for t in load_study(exp).trials]
+    pids = {json.loads((t / "timing.json").read_text())["worker"]["pid"] for t in (first, other, again)}
+    assert len(pids) == 1  # one process served all three
+    timed = {"time_s", "samples_per_s", "peak_rss_mb", "at"}
+    rows = lambda t: [{k: v for k, v in r.items() if k not in timed} for r in history(t)]  # noqa: E731
+    assert rows(again) == rows(first) != rows(other)
+    a, b = (load_checkpoint(t / "best_eval").weights for t in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_retention_is_bounded_per_trial(smoke):
     for trial in trial_dirs(smoke):
         check_retention(trial)
@@ -414,7 +441,8 @@ def test_killed_driver_resumes_keeping_finished_trials(cluster, store, tmp_path,
     log = tmp_path / "driver.log"
     # grace = every trial's length (12 epochs of 10 batches of 32: 300 pairs, the last batch wrapping round): ASHA's
     # one rung is each trial's last report, so it never stops one and each trial finishes or is interrupted
-    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--grace-samples", "3840",
+    cmd = tune_cli("--space", str(space), "--num-samples", "3", "--max-concurrent", "1", "--asha-clock", "samples",
+                   "--grace-samples", "3840",
                    "--keep-checkpoints", str(KEEP), "--name", "killed", "--out", str(tmp_path / "out"),
                    "--store", str(store), "--limit", "300", "--address", cluster.address)
     with open(log, "w") as f:
