@@ -307,7 +307,7 @@ class SearchConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teachers: list[str] | None = None  # None: the teachers of the space's base preset
     teacher_config: str | None = None  # a YAML file of extra teacher specs
-    num_samples: int = 40  # trials at most (a time budget usually ends a search first)
+    num_samples: int = 200  # trials at most (a time budget usually ends a search first)
     max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs hold at once
     workers_per_trial: int = 1  # Ray Train workers of each trial
     # CPUs of each worker: on 2 cores two 1-CPU trials at once train ~1.6x the samples/s of one 2-CPU trial (the

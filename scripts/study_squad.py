@@ -46,8 +46,8 @@ def search(args, name: str = NAME, dest: Path = OUT / "search", seed: int = 0) -
                "--store", args.store, "--seed", str(seed)]
         if (exp / "search.yaml").exists():
             cmd.append("--resume")
-        else:
-            cmd += ["--pairs", str(SQUAD / "train.jsonl.gz"), "--eval-pairs", str(SQUAD / "dev.jsonl.gz"),
+        else:  # the clock the study's searches ran on (rungs at 1,024 samples of the task)
+            cmd += ["--asha-clock", "samples", "--pairs", str(SQUAD / "train.jsonl.gz"), "--eval-pairs", str(SQUAD / "dev.jsonl.gz"),
                     "--limit", str(args.limit), "--decontaminate", "--val-fraction", str(args.val_fraction),
                     "--num-samples", str(args.num_samples), "--time-budget-s", str(args.budget_s),
                     "--max-epochs", str(args.max_epochs)]

@@ -320,12 +320,19 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
             if not epoch_end:
                 keep_as(path, run.out / "latest")
             checkpoint = path if epoch_end else None
+            w.timing["reports"] = w.timing.get("reports", 0) + 1
+            start = stamp_report(w, start)  # now: in a Tune trial, a report ASHA stops the trial at never returns
         w.session.report(metrics, checkpoint)
     if run.rank == 0:
-        w.timing["checkpoint_s"] = w.timing.get("checkpoint_s", 0.0) + time.perf_counter() - start
-        w.timing["reports"] = w.timing.get("reports", 0) + 1
-        w.timing.setdefault("first_report", now())
-        stamp(run.out, "worker", **w.timing, last_report=now())
+        stamp_report(w, start)
+
+
+def stamp_report(w: Worker, since: float) -> float:
+    """Add the seconds since `since` to the time spent saving and reporting, and stamp timing.json."""
+    w.timing["checkpoint_s"] = w.timing.get("checkpoint_s", 0.0) + time.perf_counter() - since
+    w.timing.setdefault("first_report", now())
+    stamp(w.run.out, "worker", **w.timing, last_report=now())
+    return time.perf_counter()
 
 
 def trained_s(w: Worker, this_epoch: float) -> float:

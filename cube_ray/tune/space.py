@@ -117,9 +117,13 @@ class SchedulerSettings:
     epochs: int | None = None  # the budget of a trial no rung stopped (None: the base preset's epochs)
 
     def validate(self) -> None:
-        if not 0 < self.grace_s < math.inf or self.grace_samples < 1 or self.reduction_factor < 2 or (self.epochs is not None and self.epochs < 1):
-            raise ValueError(f"need grace_s > 0, grace_samples >= 1, reduction_factor >= 2 and epochs >= 1, got "
-                             f"{self.grace_s}, {self.grace_samples}, {self.reduction_factor}, {self.epochs}")
+        if self.clock not in ("samples", "cost"):
+            raise ValueError(f"need clock 'samples' or 'cost', got {self.clock!r}")
+        if not 0 < self.grace_s < math.inf:
+            raise ValueError(f"need grace_s > 0 (training seconds), got {self.grace_s}")
+        if self.grace_samples < 1 or self.reduction_factor < 2 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"need grace_samples >= 1, reduction_factor >= 2 and epochs >= 1, got "
+                             f"{self.grace_samples}, {self.reduction_factor}, {self.epochs}")
 
 
 @dataclasses.dataclass

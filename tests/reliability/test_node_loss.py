@@ -46,10 +46,11 @@ def epochs_done(trial) -> int:
 
 
 def train_worker_nodes() -> dict[str, str]:
-    """Alive Ray Train workers: actor id -> node id."""
+    """Alive trial processes that train (a 1-worker trial trains inside its Tune trial, an ImplicitFunc actor):
+    actor id -> node id."""
     from ray.util.state import list_actors
 
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])}
 
 
 def test_lost_node_trial_resumes_on_the_remaining_node(cluster, tmp_path, reliability):
@@ -62,7 +63,7 @@ def test_lost_node_trial_resumes_on_the_remaining_node(cluster, tmp_path, reliab
     # ASHA's first rung beyond any trial's budget (an epoch of the smoke preset is more than 300 samples: its steps
     # wrap the shard), so neither trial is stopped at a rung and both must finish
     cmd = [sys.executable, "-m", "cube_ray.tune", "--space", str(space), "--num-samples", "2", "--max-concurrent", "2",
-           "--grace-samples", str(EPOCHS * 10_000), "--name", "nodes", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"),
+           "--asha-clock", "samples", "--grace-samples", str(EPOCHS * 10_000), "--name", "nodes", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"),
            "--limit", "300", "--address", cluster.address, "--seed", "1"]
     with open(log, "w") as f:
         driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)

@@ -290,3 +290,21 @@ def test_in_a_tune_trial_the_loop_trains_as_in_a_ray_train_run(store, tmp_path):
         [h["eval"] for h in trained.history]  # Tune got every epoch's report
     a, b = weights(tmp_path / "train" / "best_eval"), weights(tmp_path / "trial" / "best_eval")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_the_cost_clock_rounds_come_by_seconds_and_the_stage_budget_ends_the_first_stage_early(store, tmp_path):
+    """A search on the cost clock sets report_every_s (a round every so many training seconds) and, for a staged
+    trial, stage_budget_s: its autoencoder stage ends once it has trained that long, inside an epoch, long before the
+    plan's two epochs; ASHA's sample count of the task starts there."""
+    every, budget = 0.05, 0.1
+    cfg = small(epochs=4, batch_size=8, stages=["autoencoder", "dialogue"], report_every_s=every, stage_budget_s=budget)
+    result = fit(cfg, store, tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "latest").state["train_state"]
+    epoch = result.history[0]["samples_seen"]
+    assert state["stage"] == 1 and 0 < state["task_start"] < 2 * epoch and state["task_start"] % epoch  # mid-epoch
+    rounds = state["rounds"]
+    assert all(r["task_samples"] == max(0, r["samples_seen"] - state["task_start"]) for r in rounds)
+    before = [r for r in rounds if r["samples_seen"] <= state["task_start"]]
+    assert before and all(r["time_s"] < budget + 1.0 for r in before)  # the stage's rounds: within its budget (+ a step)
+    inside = [r["time_s"] // every for r in rounds if r["samples_seen"] % epoch]  # rounds inside epochs: by seconds
+    assert len(inside) >= 3 and inside == sorted(set(inside))

@@ -33,7 +33,10 @@ from tests.clusters import processes_of, readme_commands
 
 GAUGES = ("samples_per_s", "micro_batch", "expected_steps")  # cube_ray.train.callbacks.RayMetrics
 SAMPLES = 2  # trials per search: the base preset and smoke.yaml's first point, started together
-CPUS = 2  # per node, and per trial (--cpus-per-worker): two trials at once cannot share a node
+CPUS = 2  # per node, and per trial: two trials at once cannot share a node
+# Each trial a Ray Train run of two 1-CPU workers (TorchTrainer, DDP): the search's multi-worker path on a real
+# two-node cluster (1-worker trials train inside their Tune trials: tests/reliability/test_node_loss.py)
+WORKERS = 2
 
 
 class Cluster:
@@ -107,7 +110,8 @@ def node_command(address, metrics, agent, temp) -> list[str]:
 
 def tune_args(out, store, name: str) -> list[str]:
     return ["-m", "cube_ray.tune", "--space", "smoke", "--name", name, "--out", str(out), "--store", str(store),
-            "--limit", "300", "--num-samples", str(SAMPLES), "--cpus-per-worker", str(CPUS), "--keep-checkpoints", "1",
+            "--limit", "300", "--num-samples", str(SAMPLES), "--workers-per-trial", str(WORKERS),
+            "--cpus-per-worker", str(CPUS // WORKERS), "--keep-checkpoints", "1",
             "--seed", "0"]
 
 
@@ -278,7 +282,7 @@ def test_the_trials_ran_on_both_nodes(searches, cluster):
     # the state API agrees: Train workers (dead by now, kept with their node) on both nodes
     actors = [a for a in cluster.state("actors") if a["class_name"] == "RayTrainWorker"]
     assert {a["node_id"] for a in actors} == set(cluster.nodes.values())
-    assert len(actors) >= 2 * SAMPLES
+    assert len(actors) >= 2 * SAMPLES * WORKERS
 
 
 def test_each_node_exports_the_cubes_gauges_of_its_trials(searches, cluster):

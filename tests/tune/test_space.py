@@ -84,6 +84,9 @@ def test_sampling_is_seeded_and_lists_round_trip():
     ("points: {lr: 0.005}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"points must be a list"),
     ("sampler: {n_startup: 4}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"sampler: unknown key\(s\) \['n_startup'\]"),
     ("scheduler: {grace_samples: 0}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"scheduler: need grace_samples >= 1"),
+    ("scheduler: {grace_s: -1}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n", r"scheduler: need grace_s > 0"),
+    ("scheduler: {clock: epochs}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
+     r"scheduler.clock: expected one of \['samples', 'cost'\]|scheduler: need clock 'samples' or 'cost'"),
     ("scheduler: {reduction_factor: three}\nparams:\n  lr: {type: float, low: 0.001, high: 0.01}\n",
      r"scheduler.reduction_factor: expected int, got str"),
 ])
@@ -125,8 +128,8 @@ def test_epochs_are_the_schedulers_budget_and_max_epochs_caps_it():
     assert trial_epochs(free, load_space("stage24")) == 25
     for params in sample(space_for(capped), 5, seed=2):
         assert "epochs" not in params
-        assert trial_config(params, space_for(capped)).epochs == 3
-        assert trial_config(params, space_for(free)).epochs == 6
+        assert trial_config(params, space_for(capped), capped).epochs == 3
+        assert trial_config(params, space_for(free), free).epochs == 6
     with pytest.raises(ConfigError, match=r"max_epochs must be at least 1, got 0"):
         from_dict(SearchConfig, {"max_epochs": 0})
 
@@ -137,7 +140,7 @@ def test_asha_counts_an_epoch_in_the_samples_the_largest_batch_makes_of_it():
     assert epoch_samples(load_space("stage247"), 300) == 512  # batch 256: 2 batches; 128 makes 384, 32 and 64 320
     assert epoch_samples(load_space("smoke"), 300) == 320  # the smoke preset's batch of 64, not searched: 5 batches
     assert epoch_samples(load_space("stage247"), 16619) == 16640
-    search = SearchConfig(max_epochs=3)
+    search = SearchConfig(max_epochs=3, asha_clock="samples")
     scheduler = asha(search, load_space("stage247"), Path("unused"), 300)
     assert scheduler._max_t == 3 * 512
 
@@ -146,7 +149,8 @@ def test_asha_judges_a_staged_trial_only_on_the_samples_it_trained_the_task(tmp_
     """A trial with stages [autoencoder, dialogue] is scored on Q->A from its first round but trains Q->A only in its
     last stage: ASHA's clock is its Q->A samples, so no rung judges it on a task it has not trained yet (on
     `samples_seen`, the first rung stopped every such trial of the SQuAD search inside its first stage)."""
-    scheduler = asha(SearchConfig(max_epochs=3), load_space("stage247"), tmp_path, 16619)  # grace: 1,024 samples
+    search = SearchConfig(max_epochs=3, asha_clock="samples")
+    scheduler = asha(search, load_space("stage247"), tmp_path, 16619)  # grace: 1,024 samples
     plain, staged = SimpleNamespace(trial_id="plain"), SimpleNamespace(trial_id="staged")
     for trial in (plain, staged):
         scheduler.on_trial_add(None, trial)
@@ -162,8 +166,34 @@ def test_asha_judges_a_staged_trial_only_on_the_samples_it_trained_the_task(tmp_
     assert json.loads((tmp_path / ASHA_STOPPED).read_text()) == ["staged"]
 
 
+def test_on_the_cost_clock_asha_judges_training_seconds_and_bounds_a_staged_trials_first_stage(tmp_path):
+    """stage247's clock is cost: rungs at grace_s x factor^k training seconds (`time_s`), whatever the samples; a
+    round every grace_s; a staged trial's early stages end within stage_share of the first rung."""
+    search = SearchConfig(max_epochs=3, grace_s=2.0)
+    space = space_for(search)
+    assert scheduler_settings(search, space) == (2.0, 3) and space.base.report_every_s == 2.0
+    scheduler = asha(search, space, tmp_path, 16619)
+    fast, slow = SimpleNamespace(trial_id="fast"), SimpleNamespace(trial_id="slow")
+    for trial in (fast, slow):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, fast, {"samples_seen": 1024, "time_s": 2.1, "round_eval": 0.62}) \
+        == TrialScheduler.CONTINUE
+    # ten times slower per sample: judged after the same seconds, on what it learnt in them
+    assert scheduler.on_trial_result(None, slow, {"samples_seen": 64, "time_s": 1.9, "round_eval": 0.30}) \
+        == TrialScheduler.CONTINUE  # not at the rung yet
+    assert scheduler.on_trial_result(None, slow, {"samples_seen": 128, "time_s": 2.2, "round_eval": 0.58}) \
+        == TrialScheduler.STOP
+    staged = next(p for p in sample(space, 40, seed=0) if p["stages"] != "[]")
+    cfg = trial_config(staged, space, search)
+    assert cfg.stages and cfg.stage_budget_s == pytest.approx(cfg.stage_share * 2.0)
+    plain = next(p for p in sample(space, 40, seed=0) if p["stages"] == "[]")
+    assert trial_config(plain, space, search).stage_budget_s == 0
+    assert trial_config(staged, space, SearchConfig(max_epochs=3, asha_clock="samples")).stage_budget_s == 0
+
+
 def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
-    assert trial_config(sample(space_for(SearchConfig(max_epochs=3)), 1, seed=0)[0], space_for(SearchConfig(max_epochs=3)))
+    search = SearchConfig(max_epochs=3)
+    assert trial_config(sample(space_for(search), 1, seed=0)[0], space_for(search), search)
     with pytest.raises(ConfigError, match=r"'stage247': loss/curriculum_warmup can be 2 epochs but a trial trains at "
                                           r"most 2: .* not reach cube/max_steps"):
         space_for(SearchConfig(max_epochs=2))  # stage247's warm-ups are 1-2 epochs
@@ -175,6 +205,9 @@ def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
 def test_sampler_and_scheduler_come_from_the_space_file_and_the_command_wins():
     space = load_space("stage247")
     assert (space.sampler.n_startup_trials, space.sampler.constant_liar) == (4, True)
-    assert scheduler_settings(SearchConfig(), space) == (1024, 3)
-    assert scheduler_settings(SearchConfig(grace_samples=300, reduction_factor=2), space) == (300, 2)
+    assert space.scheduler.clock == "cost" and scheduler_settings(SearchConfig(), space) == (space.scheduler.grace_s, 3)
+    assert scheduler_settings(SearchConfig(grace_s=7.5, reduction_factor=2), space) == (7.5, 2)
+    assert scheduler_settings(SearchConfig(asha_clock="samples"), space) == (1024, 3)
+    assert scheduler_settings(SearchConfig(asha_clock="samples", grace_samples=300, reduction_factor=2), space) == (300, 2)
+    assert load_space("smoke").scheduler.clock == "samples"
     assert load_space("smoke").scheduler.grace_samples == 256
