@@ -4,7 +4,9 @@
     <dir>/config.yaml         the full config that built it
     <dir>/teachers.yaml       the teacher specs its adapters were trained against
     <dir>/data.json           which data: store, dataset id and split hashes, embedding entry per teacher
-    <dir>/state.pt            training state (epoch, step, optimiser, RNG …) as tensors and plain values; optional
+    <dir>/state.pt            training state (epoch, step, RNG, history …) as tensors and plain values; optional
+    <dir>/optimizer.pt        the optimiser's and the schedule's state, only a run that continues needs (about twice
+                              the weights: AdamW's moments); optional, and a search drops it when its trial ends
     <dir>/checkpoint.json     written last: format version and the sha256 of every file above
 
 A folder is written under a temporary name and renamed into place, so it is complete or absent. Loading checks
@@ -34,6 +36,7 @@ from cube_ray.fsutil import fsync_dir, moved_aside, swap_in, temp_dir
 from cube_ray.teachers.registry import TeacherSpec
 
 FORMAT_VERSION = 2
+OPTIMISER = "optimizer.pt"
 REQUIRED = {"model.safetensors", "config.yaml", "teachers.yaml", "data.json"}
 READS_FORMATS = (1, 2)  # format 1 predates the residual student: train/snapshot.py reads it as it was meant
 
@@ -54,7 +57,9 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: dict, teachers: dict[str, TeacherSpec],
-                    data: dict, state: dict | None = None) -> Path:
+                    data: dict, state: dict | None = None, optimiser: dict | None = None) -> Path:
+    """Save a checkpoint folder; `optimiser` (loaded back into `state`) goes to a file of its own, so that a run
+    nothing will continue can drop it (drop_optimiser) without rewriting the rest."""
     path = Path(path)
     specs = {n: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"} for n, s in teachers.items()}
     tmp = temp_dir(path)  # a name of its own: another process saving the same checkpoint uses another
@@ -65,6 +70,8 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
         (tmp / "data.json").write_text(json.dumps(data, indent=1) + "\n")
         if state is not None:
             torch.save(state, tmp / "state.pt")
+        if optimiser is not None:
+            torch.save(optimiser, tmp / OPTIMISER)
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             with open(tmp / name, "rb") as f:
@@ -155,11 +162,39 @@ def _read_folder(fd: int, folder: Path, path: Path, with_state: bool) -> Checkpo
                                   "modified)")
     teachers = {n: TeacherSpec(name=n, **fields) for n, fields in yaml.safe_load(data["teachers.yaml"]).items()}
     state = None
-    if with_state and "state.pt" in files:
+    for name in ("state.pt", OPTIMISER) if with_state else ():
+        if name not in files:
+            continue
         try:  # tensors and plain values only: a crafted state.pt cannot run code here
-            state = torch.load(io.BytesIO(data["state.pt"]), weights_only=True, map_location="cpu")  # a GPU run's too
+            part = torch.load(io.BytesIO(data[name]), weights_only=True, map_location="cpu")  # a GPU run's too
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{folder / 'state.pt'}: refused, it holds more than tensors and plain values (a "
+            raise CheckpointError(f"{folder / name}: refused, it holds more than tensors and plain values (a "
                                   f"checkpoint never runs code; {str(e).splitlines()[0]})") from None
+        state = {**(state or {}), **part}
     return Checkpoint(path, load_safetensors(data["model.safetensors"]), yaml.safe_load(data["config.yaml"]), teachers,
                       json.loads(data["data.json"]), state, manifest["format"])
+
+
+def drop_optimiser(path: str | Path) -> bool:
+    """Remove the optimiser's state (OPTIMISER) from the checkpoint folder `path`, of a run nothing will continue;
+    whether there was one. The other files stay as they are (hard links in a new folder, swapped in whole), and
+    checkpoint.json lists what is left, so the folder still loads for evaluation, inference or --init-from."""
+    path = Path(path)
+    files = json.loads((path / "checkpoint.json").read_text())["files"]
+    if OPTIMISER not in files:
+        return False
+    tmp = temp_dir(path)
+    try:
+        kept = {name: digest for name, digest in files.items() if name != OPTIMISER}
+        for name in kept:
+            os.link(path / name, tmp / name)
+        with open(tmp / "checkpoint.json", "w") as f:
+            f.write(json.dumps({"format": FORMAT_VERSION, "files": kept}, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True

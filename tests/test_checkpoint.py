@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from cube_ray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cube_ray.checkpoint import OPTIMISER, CheckpointError, drop_optimiser, load_checkpoint, save_checkpoint
 from cube_ray.data.manifest import sha256_file
 from cube_ray.teachers import get_teacher
 
@@ -20,6 +20,23 @@ def test_round_trip(tmp_path):
     assert torch.equal(ck.weights["w"], torch.ones(3, 2)) and ck.config == {"cube": {"dims": [4, 4, 4]}}
     assert ck.teachers["minilm"] == get_teacher("minilm") and ck.data == {"dataset_id": "abc"}
     assert ck.state["epoch"] == 3
+
+
+def test_the_optimisers_state_loads_into_the_state_and_can_be_dropped_alone(tmp_path):
+    """It lives in a file of its own (a search drops it when a trial ends, without rewriting anything else); the
+    folder still loads whole and checked, every other file the very same (hard links), its twin untouched."""
+    path = save_checkpoint(tmp_path / "ck", {"w": torch.ones(3)}, {}, {"minilm": get_teacher("minilm")}, {},
+                           state={"epoch": 3}, optimiser={"optimizer": {"state": {0: torch.zeros(3)}}, "schedule": None})
+    ck = load_checkpoint(path)
+    assert ck.state["epoch"] == 3 and torch.equal(ck.state["optimizer"]["state"][0], torch.zeros(3))
+    os.link(path / OPTIMISER, tmp_path / "twin")  # a hard link elsewhere (best_eval/ and latest/ share files)
+    inodes = {p.name: p.stat().st_ino for p in path.iterdir() if p.name not in (OPTIMISER, "checkpoint.json")}
+    assert drop_optimiser(path) and not (path / OPTIMISER).exists() and (tmp_path / "twin").exists()
+    ck = load_checkpoint(path)
+    assert ck.state == {"epoch": 3} and torch.equal(ck.weights["w"], torch.ones(3))
+    assert {p.name: p.stat().st_ino for p in path.iterdir() if p.name != "checkpoint.json"} == inodes
+    assert not drop_optimiser(path)  # nothing left to drop
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "twin"]  # no temporary or old folder left
 
 
 def test_overwrite_is_whole(tmp_path):

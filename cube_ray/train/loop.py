@@ -172,9 +172,13 @@ def setup_worker(config: dict, session) -> Worker:
         check_widths(snap.checkpoint, widths, f"the train split's embeddings in {config['store']}")
         student.load_state_dict(snap.student.state_dict())
         saved = snap.checkpoint.state
-        optimizer.load_state_dict(saved["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(saved["schedule"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+            if schedule is not None:
+                schedule.load_state_dict(saved["schedule"])
+        else:  # a search's trial that had ended (its optimiser state dropped), continued all the same
+            log.warning("rank %d: %s holds no optimiser state (dropped when its trial ended): a fresh optimiser and "
+                        "schedule continue it, so this resume is not exact", rank, snap.checkpoint.dir)
         state = TrainState(**saved["train_state"])
         if "stage" not in saved["train_state"]:  # saved before states recorded their stage
             state.stage, state.task_start = legacy_stage(cfg, state.epoch, state.step_in_epoch,
@@ -312,9 +316,10 @@ def save_and_report(w: Worker, metrics: dict, epoch_end: bool) -> None:
     with tempfile.TemporaryDirectory(dir=run.out, prefix=SNAPSHOT_PREFIX) as tmp:  # beside latest/: hard links
         checkpoint = None
         if run.rank == 0:
-            training = {"optimizer": w.optimizer.state_dict(), "train_state": dataclasses.asdict(state),
-                        "schedule": w.schedule.state_dict() if w.schedule is not None else None}
-            path = save_snapshot(Path(tmp) / "ck", run.student, w.centres, run.cfg, w.specs, w.config["data_ref"], training)
+            optimiser = {"optimizer": w.optimizer.state_dict(),
+                         "schedule": w.schedule.state_dict() if w.schedule is not None else None}
+            path = save_snapshot(Path(tmp) / "ck", run.student, w.centres, run.cfg, w.specs, w.config["data_ref"],
+                                 {"train_state": dataclasses.asdict(state)}, optimiser)
             for cb in w.callbacks if epoch_end else ():
                 cb.on_checkpoint(run, path)
             if not epoch_end:

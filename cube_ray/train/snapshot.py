@@ -30,10 +30,10 @@ def build_student(cfg: TrainConfig, widths: dict[str, int]) -> Student:
 
 
 def save_snapshot(path: str | Path, student: Student, centres: dict[str, Centering], cfg: TrainConfig,
-                  specs: dict[str, TeacherSpec], data: dict, state: dict | None) -> Path:
+                  specs: dict[str, TeacherSpec], data: dict, state: dict | None, optimiser: dict | None = None) -> Path:
     weights = {f"student.{k}": v for k, v in student.state_dict().items()}
     weights.update({f"centre.{t}": torch.from_numpy(c.mean.astype(np.float32)) for t, c in centres.items()})
-    return save_checkpoint(path, weights, to_dict(cfg), specs, data, state)
+    return save_checkpoint(path, weights, to_dict(cfg), specs, data, state, optimiser)
 
 
 @dataclasses.dataclass

@@ -189,6 +189,29 @@ def run_trial(config: dict, search: SearchConfig, space: SearchSpace, data) -> N
     stamp(trial_dir, "trial", fit_end=now())
 
 
+def drop_optimisers(trial_dir: Path) -> int:
+    """Drop the optimiser's state from every checkpoint of a trial that has ended (ASHA stopped it, it finished, or
+    the budget cut it): only a run that continues needs it, and it is about two thirds of a checkpoint's bytes.
+    Returns how many checkpoints held one. Folders being saved or swapped (`.tmp-`, `.old-`) are left alone."""
+    from cube_ray.checkpoint import drop_optimiser
+
+    folders = [f.parent for f in trial_dir.rglob("checkpoint.json")
+               if not any(part.startswith(".") for part in f.parent.relative_to(trial_dir).parts)]
+    return sum(drop_optimiser(folder) for folder in folders)
+
+
+def drop_ended_optimisers(exp: Path):
+    """A Tune callback: a trial's checkpoints lose their optimiser state as the trial ends, so a search's disk holds
+    weights, not AdamW's moments, of the trials it is done with (the driver sweeps every trial again after `fit`)."""
+    import ray.tune
+
+    class DropEndedOptimisers(ray.tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            drop_optimisers(exp / f"trial_{trial.trial_id}")
+
+    return DropEndedOptimisers()
+
+
 def prune_unregistered_checkpoints(run_dir: Path) -> list[str]:
     """Delete checkpoint folders of a Train run that Ray's checkpoint manager never registered.
 
@@ -247,6 +270,7 @@ def _tuner(search: SearchConfig, space: SearchSpace, data, restore: bool):
                                         reuse_actors=search.workers_per_trial == 1,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=ray.tune.RunConfig(name=search.name, storage_path=str(exp.parent),
+                                      callbacks=[drop_ended_optimisers(exp)],
                                       # the epochs' checkpoints a 1-worker trial reports: Tune keeps the best K
                                       checkpoint_config=ray.tune.CheckpointConfig(
                                           num_to_keep=search.keep_checkpoints, checkpoint_score_attribute="eval",
@@ -352,6 +376,8 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     _tuner(dataclasses.replace(search, time_budget_s=trial_budget(search, start)), space, data, restore=resume).fit()
     for run_dir in exp.glob("trial_*/train"):  # trials ASHA killed may have left an unregistered checkpoint
         prune_unregistered_checkpoints(run_dir)
+    for trial_dir in exp.glob("trial_*"):  # every trial has ended: none needs its optimiser state any more
+        drop_optimisers(trial_dir)
     _log_elapsed(exp, time.time() - start)
     build_report(exp)
     return exp

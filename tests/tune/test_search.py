@@ -380,6 +380,18 @@ def test_checkpoint_retention_is_bounded_per_trial(smoke):
         check_retention(trial)
 
 
+def test_an_ended_search_keeps_no_optimiser_state(smoke):
+    """Only a trial that continues needs its optimiser's state (AdamW's moments, ~2/3 of a checkpoint): the search
+    drops it from every checkpoint of every trial once the trial ends; what is left still loads, history included."""
+    from cube_ray.checkpoint import OPTIMISER
+
+    checkpoints = [f.parent for f in smoke.rglob("checkpoint.json")]
+    assert len(checkpoints) >= 4 and not list(smoke.rglob(OPTIMISER))
+    for folder in checkpoints:
+        ck = load_checkpoint(folder)
+        assert "optimizer" not in ck.state and ck.state["train_state"]["rounds"]
+
+
 def test_a_wall_budget_gives_the_trials_what_set_up_leaves():
     """The trials' budget is the wall budget less the set-up so far and the report's reserve, at most time_budget_s;
     a set-up that ate the wall budget still leaves the trials enough for a first round."""
