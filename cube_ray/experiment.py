@@ -29,8 +29,9 @@ STEP = "samples_seen"  # Optuna's step: training samples so far, every stage's
 # from its first round, but only trains it in its last stage: counted in all its samples, every early rung judged it
 # on a task it had not trained yet, and ASHA stopped each one inside its first stage.
 TASK_STEP = "task_samples"
-# ASHA's time attribute on the cost clock: training seconds so far (steps only: no set-up, scoring nor saving)
-COST_STEP = "time_s"
+# ASHA's time attribute on the cost clock: training seconds so far (steps only: no set-up, scoring nor saving), and
+# in a round that comes before a step longer than a round, that step's seconds too (train/loop.py: long_step)
+COST_STEP = "cost_s"
 CLOCK_STEP = {"samples": TASK_STEP, "cost": COST_STEP}  # SearchConfig.asha_clock -> ASHA's time attribute
 DONE_TRAINING = "done_training"  # true in the report of a run's last epoch: Optuna is told COMPLETE
 

@@ -21,10 +21,10 @@ STATUS_ORDER = ("complete", "early stop", "stopped by ASHA", "time budget", "unf
 def first_rung(rounds: list[dict], grace: float, clock: str = "samples") -> dict | None:
     """The round ASHA first judged a trial at: the first whose clock reaches the grace period: on the samples clock
     its samples of the task (TASK_STEP; a staged trial's count starts with its last stage), on the cost clock its
-    training seconds (COST_STEP). None where the trial never got there. Rounds saved without the task's count (older
+    training seconds (COST_STEP, the step it was about to take included). None where the trial never got there. Rounds saved without the task's count (older
     checkpoints, older trials.json) count every sample."""
     if clock == "cost":
-        return next((r for r in rounds if r.get(COST_STEP, 0.0) >= grace), None)
+        return next((r for r in rounds if r.get(COST_STEP, r.get("time_s", 0.0)) >= grace), None)
     return next((r for r in rounds if r.get(TASK_STEP, r["samples_seen"]) >= grace), None)
 
 

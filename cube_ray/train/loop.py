@@ -38,7 +38,7 @@ import torch.distributed as dist
 from cube_ray.config import TrainConfig, from_dict
 from cube_ray.data.split import selection_split
 from cube_ray.evaluate import retrieval_agreement, student_metrics
-from cube_ray.experiment import DONE_TRAINING, SNAPSHOT_PREFIX, TASK_STEP
+from cube_ray.experiment import COST_STEP, DONE_TRAINING, SNAPSHOT_PREFIX, TASK_STEP
 from cube_ray.losses.combine import CombinedLoss
 from cube_ray.metrics import Centering
 from cube_ray.store import EmbeddingStore
@@ -114,6 +114,7 @@ class Worker:
     resumed_from: str | None
     session: object  # how this loop reaches Ray (cube_ray.train.session)
     last_epoch: int = 0  # this call trains up to here (fit's stop_after; else cfg.epochs)
+    step_s: float = 0.0  # seconds the next step will take: the last one's, or the probe's estimate
     timing: dict = dataclasses.field(default_factory=dict)  # timing.json's "worker" part (rank 0 writes it)
 
 
@@ -197,17 +198,19 @@ def setup_worker(config: dict, session) -> Worker:
     student.core.cube.prepare()  # the fused kernel: built once per machine and shape, else loaded
     timing["kernel_done"] = now()
     run = Run(cfg, student, state, Path(config["out"]), rank, eval_pairs, device)
+    step_s = 0.0  # the next step's seconds, as far as known (a resumed run learns it from its first step)
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
-        probe_micro_batch(sizer, run, model, shard)
+        step_s = probe_micro_batch(sizer, run, model, shard) * share
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
     for cb in callbacks:
         cb.on_start(run)
     return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard,
                   round_slice(eval_pairs, cfg.round_eval_size, cfg.seed), centres, specs, config, steps_per_epoch,
-                  share, world, str(snap.checkpoint.dir) if snap is not None else None, session, timing=timing)
+                  share, world, str(snap.checkpoint.dir) if snap is not None else None, session, step_s=step_s,
+                  timing=timing)
 
 
 def worker_batch_sizer(cfg: TrainConfig, share: int, device: torch.device, workers_on_node: int) -> BatchSizer:
@@ -218,14 +221,17 @@ def worker_batch_sizer(cfg: TrainConfig, share: int, device: torch.device, worke
     return BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, workers_on_node), cfg.max_micro_batch)
 
 
-def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> None:
+def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> float:
     """Size the micro-batch by a probe step of the current stage's tasks (modes differ in rows per sample), in
     training mode, and draw nothing from the RNGs training draws from: a run resumed at a stage's start then probes
-    as the uninterrupted run did and continues bit for bit."""
+    as the uninterrupted run did and continues bit for bit. Returns the probe's seconds per sample."""
     run.student.train()
+    size = min(PROBE_SIZE, len(shard))
+    start = time.perf_counter()
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         sizer.probe(lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode),
-                    probe_size=min(PROBE_SIZE, len(shard)), parameters=list(run.student.parameters()))
+                    probe_size=size, parameters=list(run.student.parameters()))
+    return (time.perf_counter() - start) / size
 
 
 def begin_stage(w: Worker) -> None:
@@ -242,7 +248,7 @@ def begin_stage(w: Worker) -> None:
     w.schedule = make_schedule(cfg, w.optimizer, (stage.first_epoch + stage.epochs) * w.steps_per_epoch - state.global_step)
     state.epochs_without_improvement = state.epochs_without_entropy_drop = 0
     state.best_entropy = float("inf")
-    probe_micro_batch(w.sizer, run, w.model, w.shard)
+    w.step_s = probe_micro_batch(w.sizer, run, w.model, w.shard) * w.share
     if run.rank == 0:
         log.info("stage %s from epoch %d, step %d, starting from %s", stage.mode, state.epoch + 1,
                  state.step_in_epoch + 1, source)
@@ -261,13 +267,15 @@ def selection_key(cfg: TrainConfig) -> str:
     return "recon_cos" if cfg.mode == "autoencoder" else cfg.eval_metric
 
 
-def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = None) -> dict[str, float]:
+def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = None, ahead: float = 0.0) -> dict[str, float]:
     """What every report carries: the round's score on the fixed slice, and where the run is. At an epoch's end a
-    slice that is the whole split reuses the whole split's score."""
+    slice that is the whole split reuses the whole split's score. COST_STEP, the cost clock: the training seconds
+    so far, and `ahead`, those of the step the run is about to take (a round before a long step)."""
     state = w.run.state
     same = whole_split_score is not None and w.round_pairs is w.run.eval_pairs
     score = whole_split_score if same else selection_score(w, w.round_pairs)[0]
     row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
+           COST_STEP: state.seconds + elapsed + ahead,
            "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch,
            TASK_STEP: state.samples_seen - state.task_start if state.stage == len(stage_plan(w.run.cfg)) - 1 else 0,
            "at": now()}  # wall clock: the report's "what the first rung took"
@@ -351,14 +359,22 @@ def trained_s(w: Worker, this_epoch: float) -> float:
     return clock.item()
 
 
-def round_due(w: Worker, samples_before: int, this_epoch: float) -> bool:
-    """Whether the step just taken ends a round inside the epoch (its end is one anyway): every report_every_s
-    training seconds (the cost clock), else every report_every_samples samples."""
+def round_due(w: Worker, samples_before: int, this_epoch: float, ahead: float = 0.0) -> bool:
+    """Whether a round falls here, inside the epoch (its end is one anyway): every report_every_s training seconds
+    (the cost clock, counting `ahead`, the step about to run), else every report_every_samples samples."""
     cfg, state = w.run.cfg, w.run.state
     if cfg.report_every_s:
-        last = state.rounds[-1]["time_s"] if state.rounds else 0.0
-        return trained_s(w, this_epoch) // cfg.report_every_s > last // cfg.report_every_s
+        last = state.rounds[-1].get(COST_STEP, state.rounds[-1]["time_s"]) if state.rounds else 0.0
+        return trained_s(w, this_epoch + ahead) // cfg.report_every_s > last // cfg.report_every_s
     return state.samples_seen // cfg.report_every_samples > samples_before // cfg.report_every_samples
+
+
+def long_step(w: Worker) -> float:
+    """On the cost clock, the seconds of the step about to run where it is longer than a round (0 otherwise): the
+    round it would overrun comes before it, charged with it, so a config slow enough that one step outlasts a rung
+    is judged at that rung on what it has learnt so far, instead of holding its worker through the step."""
+    every = w.run.cfg.report_every_s
+    return w.step_s if every and w.step_s >= every else 0.0
 
 
 def train_epoch(w: Worker) -> None:
@@ -371,15 +387,28 @@ def train_epoch(w: Worker) -> None:
     order = torch.randperm(len(w.shard), generator=gen)  # the same for a resumed epoch: it continues at its step
     sums = state.partial or {"loss": 0.0, "parts": {}, "samples": 0, "seconds": 0.0}
     start = time.perf_counter()
+
+    def report_round(ahead: float = 0.0) -> None:  # a round inside the epoch; its seconds are not the epoch's
+        nonlocal start
+        paused = time.perf_counter()
+        state.partial = {**sums, "seconds": sums["seconds"] + paused - start}
+        save_and_report(w, round_metrics(w, state.partial["seconds"], ahead=ahead), epoch_end=False)
+        start += time.perf_counter() - paused
+
     for step in range(state.step_in_epoch, w.steps_per_epoch):
         if next_stage_due(cfg, state.stage, state.epoch, step, trained_s(w, sums["seconds"] + time.perf_counter() - start)):
             paused = time.perf_counter()
             begin_stage(w)
             start += time.perf_counter() - paused  # set-up, not training
+        ahead = long_step(w)
+        if ahead and round_due(w, state.samples_seen, sums["seconds"] + time.perf_counter() - start, ahead):
+            report_round(ahead)
         w.run.student.train()
         # wraps round the shard, so every rank takes the same number of steps
         idx = order[torch.arange(step * w.share, (step + 1) * w.share) % len(w.shard)].to(run.device)
+        step_start = time.perf_counter()
         loss, parts = train_step(run, w.loss_fn, w.model, w.optimizer, w.sizer, take(w.shard, idx))
+        w.step_s = time.perf_counter() - step_start
         if w.schedule is not None and cfg.schedule == "cosine":
             w.schedule.step()
         before, state.samples_seen = state.samples_seen, state.samples_seen + cfg.batch_size
@@ -387,11 +416,10 @@ def train_epoch(w: Worker) -> None:
         sums["samples"] += len(idx)
         sums["loss"] += loss / w.steps_per_epoch
         accumulate(sums["parts"], parts, 1 / w.steps_per_epoch)
-        if step + 1 < w.steps_per_epoch and round_due(w, before, sums["seconds"] + time.perf_counter() - start):
-            paused = time.perf_counter()
-            state.partial = {**sums, "seconds": sums["seconds"] + paused - start}
-            save_and_report(w, round_metrics(w, state.partial["seconds"]), epoch_end=False)
-            start += time.perf_counter() - paused  # the epoch's seconds count training, not the rounds' scoring
+        # after a long step, the round comes before the next one, charged with it
+        this_epoch = sums["seconds"] + time.perf_counter() - start
+        if step + 1 < w.steps_per_epoch and not long_step(w) and round_due(w, before, this_epoch):
+            report_round()  # the epoch's seconds count training, not the rounds' scoring
     sums["seconds"] += time.perf_counter() - start
     metrics = epoch_metrics(w, sums, sums["seconds"])
     for cb in w.callbacks:

@@ -191,8 +191,8 @@ def test_resume_accepts_per_session_flags_and_repeated_settings(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     saved_experiment(tmp_path)
     monkeypatch.setattr(cube_ray.tune.runner, "run_search", run_search)
-    # --space finds the experiment; the settings repeat the saved ones, the default --num-samples 40 included
-    argv = ["--resume", "--space", "stage247", "--out", "results", "--address", "auto", "--num-samples", "40",
+    # --space finds the experiment; the settings repeat the saved ones, the default --num-samples 200 included
+    argv = ["--resume", "--space", "stage247", "--out", "results", "--address", "auto", "--num-samples", "200",
             "--time-budget-s", "600", "--limit", "600", "--store", "store"]
     with pytest.raises(Started) as e:
         main(argv)

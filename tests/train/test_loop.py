@@ -306,5 +306,20 @@ def test_on_the_cost_clock_rounds_come_by_seconds_and_the_stage_budget_ends_the_
     assert all(r["task_samples"] == max(0, r["samples_seen"] - state["task_start"]) for r in rounds)
     before = [r for r in rounds if r["samples_seen"] <= state["task_start"]]
     assert before and all(r["time_s"] < budget + 1.0 for r in before)  # the stage's rounds: within its budget (+ a step)
-    inside = [r["time_s"] // every for r in rounds if r["samples_seen"] % epoch]  # rounds inside epochs: by seconds
+    inside = [r["cost_s"] // every for r in rounds if r["samples_seen"] % epoch]  # rounds inside epochs: by seconds
     assert len(inside) >= 3 and inside == sorted(set(inside))
+
+
+def test_on_the_cost_clock_a_step_longer_than_a_round_is_judged_before_it_runs(store, tmp_path):
+    """A config so slow that one step outlasts a round (here: rounds of 1 ms) reports each round before the step it
+    would overrun, charged with that step (`cost_s` ahead of `time_s`), so ASHA judges it at the rung on what it has
+    learnt so far; the first, before any step, on the batch probe's estimate."""
+    result = fit(small(epochs=1, report_every_s=0.001), store, tmp_path / "run")
+    rounds = load_checkpoint(tmp_path / "run" / "latest").state["train_state"]["rounds"]
+    epoch = result.history[0]["samples_seen"]
+    inside = [r for r in rounds if r["samples_seen"] < epoch]
+    assert inside[0]["samples_seen"] == 0 and inside[0]["time_s"] < inside[0]["cost_s"]
+    # each before a step (none after one), charged with it: nearly every step crosses a millisecond boundary
+    assert all(r["cost_s"] > r["time_s"] for r in inside) and len(inside) >= epoch // 32 // 2
+    assert [r["samples_seen"] for r in inside] == sorted({r["samples_seen"] for r in inside})
+    assert rounds[-1]["cost_s"] == rounds[-1]["time_s"]  # the epoch's end: nothing ahead

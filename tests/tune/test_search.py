@@ -80,7 +80,7 @@ def check_retention(trial: Path) -> None:
     assert len(kept) <= KEEP + 1, (trial, kept)
     reported = epoch_reports(trial)
     assert len(kept) >= min(1, len(reported)), (trial, kept, len(reported))
-    ours = {p.name for p in trial.iterdir() if (p / "checkpoint.json").exists()}
+    ours = {p.name for p in trial.iterdir() if (p / "checkpoint.json").exists()} - {p.name for p in kept}
     epochs = [row["epoch"] for row in history(trial)]
     assert {r["epoch"] for r in reported} <= set(epochs), (trial, reported, epochs)  # ours never lag Ray's
     if epochs:

@@ -167,7 +167,7 @@ def test_asha_judges_a_staged_trial_only_on_the_samples_it_trained_the_task(tmp_
 
 
 def test_on_the_cost_clock_asha_judges_training_seconds_and_bounds_a_staged_trials_first_stage(tmp_path):
-    """stage247's clock is cost: rungs at grace_s x factor^k training seconds (`time_s`), whatever the samples; a
+    """stage247's clock is cost: rungs at grace_s x factor^k training seconds (`cost_s`), whatever the samples; a
     round every grace_s; a staged trial's early stages end within stage_share of the first rung."""
     search = SearchConfig(max_epochs=3, grace_s=2.0)
     space = space_for(search)
@@ -176,12 +176,12 @@ def test_on_the_cost_clock_asha_judges_training_seconds_and_bounds_a_staged_tria
     fast, slow = SimpleNamespace(trial_id="fast"), SimpleNamespace(trial_id="slow")
     for trial in (fast, slow):
         scheduler.on_trial_add(None, trial)
-    assert scheduler.on_trial_result(None, fast, {"samples_seen": 1024, "time_s": 2.1, "round_eval": 0.62}) \
+    assert scheduler.on_trial_result(None, fast, {"samples_seen": 1024, "cost_s": 2.1, "round_eval": 0.62}) \
         == TrialScheduler.CONTINUE
     # ten times slower per sample: judged after the same seconds, on what it learnt in them
-    assert scheduler.on_trial_result(None, slow, {"samples_seen": 64, "time_s": 1.9, "round_eval": 0.30}) \
+    assert scheduler.on_trial_result(None, slow, {"samples_seen": 64, "cost_s": 1.9, "round_eval": 0.30}) \
         == TrialScheduler.CONTINUE  # not at the rung yet
-    assert scheduler.on_trial_result(None, slow, {"samples_seen": 128, "time_s": 2.2, "round_eval": 0.58}) \
+    assert scheduler.on_trial_result(None, slow, {"samples_seen": 128, "cost_s": 2.2, "round_eval": 0.58}) \
         == TrialScheduler.STOP
     staged = next(p for p in sample(space, 40, seed=0) if p["stages"] != "[]")
     cfg = trial_config(staged, space, search)
