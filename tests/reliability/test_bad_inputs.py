@@ -132,7 +132,7 @@ def saved_experiment(tmp_path: Path) -> Path:
 
 
 RESUME_FLAGS = [  # (argv after --resume --name <the saved experiment>, the message argparse must print)
-    (["--num-samples", "7"], r"--num-samples 7 \(saved: 40\)"),
+    (["--num-samples", "7"], r"--num-samples 7 \(saved: 200\)"),
     (["--time-budget-s", "0"], r"--time-budget-s unset \(saved: 600\)"),
     (["--limit", "100", "--seed", "3"], r"--limit 100 \(saved: 600\), --seed 3 \(saved: 0\)"),
     (["--teachers", "minilm"], r"--teachers minilm \(saved: unset\)"),

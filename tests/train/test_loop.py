@@ -281,7 +281,7 @@ def test_in_a_tune_trial_the_loop_trains_as_in_a_ray_train_run(store, tmp_path):
     results = ray.tune.Tuner(ray.tune.with_resources(trainable, {"CPU": 1}),
                              run_config=ray.tune.RunConfig(name="one", storage_path=str(tmp_path / "tune"))).fit()
     assert not results.errors
-    timed = {"time_s", "samples_per_s", "peak_rss_mb", "at"}  # wall-clock figures
+    timed = {"time_s", "cost_s", "samples_per_s", "peak_rss_mb", "at"}  # wall-clock figures
     state = {run: load_checkpoint(tmp_path / run / "latest").state["train_state"] for run in ("train", "trial")}
     for key in ("history", "rounds"):
         rows = {run: [{k: v for k, v in r.items() if k not in timed} for r in s[key]] for run, s in state.items()}
