@@ -76,17 +76,22 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], config: 
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        manifest = {"format": FORMAT_VERSION, "files": {name: sha256_file(tmp / name) for name in files}}
-        with open(tmp / "checkpoint.json", "w") as f:
-            f.write(json.dumps(manifest, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        swap_in(tmp, path)  # replaces an older checkpoint of the same name
+        _seal(tmp, {name: sha256_file(tmp / name) for name in files}, path)
     except BaseException:  # a full disk, a kill signal: leave no temporary behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _seal(tmp: Path, files: dict[str, str], path: Path) -> None:
+    """Write checkpoint.json (last, durably) listing `files` by sha256 into the complete folder `tmp`, and swap it
+    in at `path` (replacing an older checkpoint of the same name)."""
+    with open(tmp / "checkpoint.json", "w") as f:
+        f.write(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    swap_in(tmp, path)
 
 
 class _Vanished(Exception):
@@ -188,12 +193,7 @@ def drop_optimiser(path: str | Path) -> bool:
         kept = {name: digest for name, digest in files.items() if name != OPTIMISER}
         for name in kept:
             os.link(path / name, tmp / name)
-        with open(tmp / "checkpoint.json", "w") as f:
-            f.write(json.dumps({"format": FORMAT_VERSION, "files": kept}, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        swap_in(tmp, path)
+        _seal(tmp, kept, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -67,7 +67,8 @@ def first_rung_phases(grace: float, clock: str) -> dict:
     """The fixed cost and first-rung phases (seconds), from a trial's stamps and its rounds (each round carries its
     training seconds `time_s` and its wall-clock stamp `at`)."""
     return {FIXED_COST: lambda t, tr, w: w["setup_done"] - tr["start"],
-            RUNG_COMPUTE: lambda t, tr, w: t.first_rung(grace, clock)["time_s"],  # spent (the clock may include a step ahead)
+            # spent so far (a round before a long step charges the clock with that step too)
+            RUNG_COMPUTE: lambda t, tr, w: t.first_rung(grace, clock)["time_s"],
             RUNG_TOOK: lambda t, tr, w: t.first_rung(grace, clock)["at"] - tr["start"]}
 
 

@@ -5,9 +5,8 @@
 `prepare_run` reads the prepared split through Ray Data (contamination check, extraction of what the store lacks,
 one deterministic row range per worker) and leaves each worker's shard in Ray's object store as NumPy blocks;
 `fit` starts the trainer whose workers run `train/loop.py`; `fit_in_trial` runs that loop in a search's 1-worker
-Tune trial itself. This module never imports torch: a search's trial
-driver and Ray Train's controller run it (or unpickle what it hands them), and each would pay ~2 s of CPU per
-trial to import torch for nothing. One worker trains with Ray Train's plain data-parallel trainer; several train
+Tune trial itself. This module never imports torch: a search's trial driver and Ray Train's controller run it (or
+unpickle what it hands them), and each would pay ~2 s of CPU per trial to import torch for nothing. One worker trains with Ray Train's plain data-parallel trainer; several train
 with `TorchTrainer`, whose torch.distributed process group DDP needs.
 """
 from __future__ import annotations
