@@ -216,6 +216,10 @@ class TrainConfig:
     # Rounds every this many training seconds instead (0: by samples): a search on the cost clock (ASHA's rungs in
     # training seconds, cube_ray/tune/runner.py) sets it, so every trial reports right after each rung it reaches.
     report_every_s: float = 0.0
+    # With report_every_s, rounds at report_every_s x report_growth^k training seconds instead (1: evenly spaced). A
+    # search sets ASHA's reduction factor: a round right after each rung and none between, where ASHA decides nothing
+    # (on a slow config, scoring a round every 3 s cost twice its training).
+    report_growth: float = 1.0
     # With stages: the stages before the last end once the run has trained this many seconds, if stage_share of the
     # epochs ends later (0: stage_share alone). A search on the cost clock bounds them by its first rung.
     stage_budget_s: float = 0.0
@@ -272,6 +276,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "report_every_samples", "round_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.report_growth < math.inf:
+            raise ValueError(f"report_growth must be a factor >= 1 (1: rounds evenly spaced), got {self.report_growth}")
         for name in ("report_every_s", "stage_budget_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
                 raise ValueError(f"{name} must be a number of seconds >= 0 (0: off), got {getattr(self, name)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -27,14 +28,18 @@ from cube_ray.train.data import Pairs
 ROWS = ("model", *BASELINES)
 
 
-def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue") -> dict[str, dict[str, float]]:
+def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue",
+                    untrained: bool = False) -> dict[str, dict[str, float]]:
     """Per teacher: retrieval metrics of q -> a (or reconstruction cosine in autoencoder mode), steps, entropy. A fused
-    student predicts from every teacher's embedding of the text at once."""
+    student predicts from every teacher's embedding of the text at once. `untrained`: a residual student before its
+    first step predicts its input exactly (its decoders' last layers start at zero), so the inputs stand in for its
+    predictions and no forward pass runs (steps: nan)."""
+    predict = (lambda xs: (dict(xs), {t: math.nan for t in xs})) if untrained else student.predict_each
     if mode == "autoencoder":
-        preds, steps = student.predict_each(pairs.a)
+        preds, steps = predict(pairs.a)
         return {t: {"recon_cos": reconstruction_cosine(preds[t], pairs.a[t]), "steps": steps[t]} for t in pairs.a}
     pool = dedup_pool(pairs.answers)
-    preds, steps = student.predict_each(pairs.q)
+    preds, steps = predict(pairs.q)
     out = {}
     for t in pairs.q:
         answers = pairs.a[t][torch.as_tensor(pool.first)]

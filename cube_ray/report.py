@@ -202,6 +202,16 @@ def _score(v: float) -> str:
     return f"{v:.4f}" if math.isfinite(v) else "–"  # a trial stopped inside its first epoch has no whole-split score
 
 
+def round_schedule(cfg, clock: str) -> str:
+    """When a trial's rounds came, in words: on the cost clock every so many training seconds or at the rungs."""
+    if clock != "cost":
+        return f"every round of {cfg.report_every_samples} training samples"
+    every, growth = cfg.report_every_s, cfg.report_growth
+    if growth == 1:
+        return f"every round of {every:g} training seconds"
+    return f"a round at each rung ({', '.join(f'{every * growth ** k:g}' for k in range(3))} ... training seconds)"
+
+
 def _leaderboard(scored: list[Trial], keys: list[str], teachers: list[str]) -> list[str]:
     lines = ["| # | trial | eval (whole split) | last round (slice) | " + " | ".join(f"{t} MRR" for t in teachers)
              + " | samples | best epoch / run / budget | status | E[steps] | minutes | "
@@ -274,9 +284,8 @@ def build_report(exp: str | Path) -> Path:
     selection = table["picked_on"]
     lines = [f"# Search report: {exp.name}", "",
              f"Space `{search.space}`, {figures['trials']} trials, Optuna TPE (seed {search.seed}) + ASHA on the "
-             f"{selection} split's {metric.upper()} (mean over teachers {', '.join(teachers)}): every round of "
-             + (f"{best.config.report_every_s:g} training seconds" if clock == "cost" else
-                f"{best.config.report_every_samples} training samples") + " scores a fixed slice of it (`round_eval`, "
+             f"{selection} split's {metric.upper()} (mean over teachers {', '.join(teachers)}): "
+             + round_schedule(best.config, clock) + " scores a fixed slice of it (`round_eval`, "
              "what ASHA compares, rungs in " + ("training seconds" if clock == "cost" else "samples of the task")
              + (f": grace {grace:g}" if grace else "") + (f", factor {factor}" if factor else "")
              + f"), every epoch's end the whole split (`eval`, which picks checkpoints); {best.config.epochs} epochs at "

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from cube_ray.data.split import HELD_OUT
 from cube_ray.fsutil import atomic_path, atomic_write_text
 from cube_ray.teachers.registry import TeacherSpec
 
@@ -189,12 +190,18 @@ class EmbeddingStore:
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.root / "datasets" / dataset_id
 
-    def dataset_entry(self, dataset_id: str, spec: TeacherSpec) -> Entry:
-        """The complete entry holding `spec`'s embeddings of every text of a prepared dataset."""
+    def dataset_entry(self, dataset_id: str, spec: TeacherSpec, split: str | None = None) -> Entry:
+        """The complete entry holding `spec`'s embeddings of every text of a prepared dataset or, given `split`, of
+        that split's: the whole dataset's entry, or for a split other than the held-out one, the entry of the texts
+        every split but that one has, which a search embeds first (it embeds the held-out split while its trials
+        run: only its report reads it)."""
         folder = self.dataset_dir(dataset_id)
         if not (folder / "manifest.json").exists():
             raise EmbeddingError(f"{folder}: no prepared dataset {dataset_id!r} in store {self.root}")
         entry = self.entry(spec, dataset_texts(folder))
+        if not entry.complete and split not in (None, HELD_OUT):
+            first = self.entry(spec, dataset_texts(folder, skip=HELD_OUT))
+            entry = first if first.complete else entry
         if not entry.complete:
             raise EmbeddingError(f"store {self.root} has no complete {spec.name!r} embeddings (model {spec.model_version}) "
                                  f"of dataset {dataset_id}; "
@@ -202,10 +209,12 @@ class EmbeddingStore:
         return entry
 
 
-def dataset_texts(dataset_dir: str | Path) -> list[str]:
-    """The unique question and answer texts of every split of a prepared dataset, in shard order."""
+def dataset_texts(dataset_dir: str | Path, skip: str | None = None) -> list[str]:
+    """The unique question and answer texts of every split of a prepared dataset (but split `skip`), in shard order."""
     texts: set[str] = set()
     for table in sorted(Path(dataset_dir).glob("*.parquet")):
+        if table.stem == skip:
+            continue
         t = pq.read_table(table, columns=["question", "answer"])
         texts.update(t.column("question").to_pylist(), t.column("answer").to_pylist())
     return shard_order(list(texts))

@@ -37,9 +37,10 @@ class PreparedData:
     def dataset_id(self) -> str:
         return self.manifest["dataset_id"]
 
-    def unique_texts(self) -> list[str]:
-        """Every distinct question and answer text over all splits, in first-seen order."""
-        return list(dict.fromkeys(t for pairs in self.splits.values() for p in pairs for t in (p.question, p.answer)))
+    def unique_texts(self, skip: str | None = None) -> list[str]:
+        """Every distinct question and answer text over all splits (but split `skip`), in first-seen order."""
+        return list(dict.fromkeys(t for name, pairs in self.splits.items() if name != skip
+                                  for p in pairs for t in (p.question, p.answer)))
 
 
 def _filtered(path: Path, cfg: DataConfig, report: FilterReport) -> list[Pair]:

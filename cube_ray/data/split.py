@@ -7,13 +7,14 @@ from collections import defaultdict
 from cube_ray.data.readers import DataError, Pair
 
 VALIDATION = "val"
+HELD_OUT = "eval"  # with a val split, read by the final report alone
 
 
 def selection_split(split_names) -> str:
     """The split that picks models (per-epoch eval, early stopping, best checkpoint, ASHA, Optuna): "val" where the
     data has one, else "eval". With a val split the eval split is touched only by the final report, so its
     figures are not inflated by having been selected on."""
-    return VALIDATION if VALIDATION in split_names else "eval"
+    return VALIDATION if VALIDATION in split_names else HELD_OUT
 
 
 def split_by_document(pairs: list[Pair], ratios: dict[str, float], seed: int) -> dict[str, list[Pair]]:

@@ -43,7 +43,7 @@ def load_split(store: EmbeddingStore, dataset_id: str, split: str, specs: dict[s
     table = pq.read_table(Path(folder) / f"{split}.parquet", columns=["id", "doc_id", "question", "answer"])
     q, a = {}, {}
     for name, spec in specs.items():
-        qn, an = split_embeddings(folder, split, store.dataset_entry(dataset_id, spec))
+        qn, an = split_embeddings(folder, split, store.dataset_entry(dataset_id, spec, split))
         q[name], a[name] = torch.from_numpy(qn), torch.from_numpy(an)
     return Pairs(table.column("id").to_pylist(), table.column("question").to_pylist(),
                  table.column("answer").to_pylist(), q, a, table.column("doc_id").to_pylist())

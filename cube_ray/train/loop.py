@@ -257,7 +257,10 @@ def begin_stage(w: Worker) -> None:
 def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str, float]]]:
     """The selection metric on `pairs` (mean over teachers) and each teacher's metrics."""
     cfg, start = w.run.cfg, time.perf_counter()
-    per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue")
+    # a round before the first step (one charged with a long step): a residual student is still its input
+    untrained = w.run.state.global_step == 0 and w.run.student.cfg.residual and not cfg.init_from
+    per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue",
+                                  untrained)
     w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
     return float(np.mean([m[selection_key(cfg)] for m in per_teacher.values()])), per_teacher
 
@@ -360,13 +363,26 @@ def trained_s(w: Worker, this_epoch: float) -> float:
 
 
 def round_due(w: Worker, samples_before: int, this_epoch: float, ahead: float = 0.0) -> bool:
-    """Whether a round falls here, inside the epoch (its end is one anyway): every report_every_s training seconds
-    (the cost clock, counting `ahead`, the step about to run), else every report_every_samples samples."""
+    """Whether a round falls here, inside the epoch (its end is one anyway): on the cost clock once the training
+    seconds (counting `ahead`, the step about to run) reach the next round's (`next_round_s`), else every
+    report_every_samples samples."""
     cfg, state = w.run.cfg, w.run.state
     if cfg.report_every_s:
         last = state.rounds[-1].get(COST_STEP, state.rounds[-1]["time_s"]) if state.rounds else 0.0
-        return trained_s(w, this_epoch + ahead) // cfg.report_every_s > last // cfg.report_every_s
+        return trained_s(w, this_epoch + ahead) >= next_round_s(cfg, last)
     return state.samples_seen // cfg.report_every_samples > samples_before // cfg.report_every_samples
+
+
+def next_round_s(cfg: TrainConfig, last: float) -> float:
+    """The training seconds of the first round after one at `last`: the next multiple of report_every_s or, with
+    report_growth g > 1, the next report_every_s x g^k (a search's rungs)."""
+    every, growth = cfg.report_every_s, cfg.report_growth
+    if growth == 1:
+        return (last // every + 1) * every
+    due = every
+    while due <= last:
+        due *= growth
+    return due
 
 
 def long_step(w: Worker) -> float:

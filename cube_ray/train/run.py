@@ -49,16 +49,23 @@ class RunData:
     rows: int
     shards: list[list]  # per worker, the ObjectRefs of its shard's blocks (dicts of NumPy columns)
     data_ref: dict
+    # prepare_run(held_out_later=True) left the held-out split's texts to embed (`embed_held_out`): the seconds that
+    # is expected to take at the speed its first extraction ran (None: nothing left)
+    held_out_s: float | None = None
 
 
-def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, TeacherSpec] | None = None) -> RunData:
-    """Prepare the data (contamination check included), extract what the store lacks, and shard the train split."""
+def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, TeacherSpec] | None = None,
+                held_out_later: bool = False) -> RunData:
+    """Prepare the data (contamination check included), extract what the store lacks, and shard the train split.
+    `held_out_later`: where a val split picks the models, the held-out split's texts are left for `embed_held_out`
+    (a search embeds them after its trials: only its report reads them, and its trials start that much sooner)."""
     import ray
 
     from cube_ray.cli import init_ray
     from cube_ray.data.prepare import prepare
+    from cube_ray.data.split import HELD_OUT, selection_split
     from cube_ray.extract import extract_all
-    from cube_ray.store import pairs_dataset
+    from cube_ray.store import pairs_dataset, shard_order
     from cube_ray.teachers.registry import get_teacher
 
     specs = {t: get_teacher(t, registry) for t in cfg.teachers}
@@ -66,8 +73,13 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     prepared = prepare(cfg.data, store.root)  # contamination is checked here, before anything trains
     init_ray()  # training needs Ray whether or not extraction does
     require_train_gpus(cfg)  # before extraction: a run that can never start should not embed first
-    extract_all(prepared.unique_texts(), list(specs.values()), store)
-    entries = {t: store.dataset_entry(prepared.dataset_id, s) for t, s in specs.items()}
+    texts = prepared.unique_texts()
+    whole = {t: store.entry(s, shard_order(texts)) for t, s in specs.items()}
+    later = held_out_later and selection_split(prepared.splits) != HELD_OUT and \
+        not all(e.complete for e in whole.values())
+    first = prepared.unique_texts(skip=HELD_OUT) if later else texts
+    extracted = extract_all(first, list(specs.values()), store)
+    entries = {t: store.dataset_entry(prepared.dataset_id, s, "train") for t, s in specs.items()}
     rows = prepared.manifest["splits"]["train"]["rows"]
     if rows < cfg.workers:
         raise ValueError(f"{rows} train pairs cannot feed {cfg.workers} workers")
@@ -91,8 +103,22 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     widths = {t: entries[t].info["width"] for t in cfg.teachers}
     data_ref = {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
                 "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
-                "entries": {t: str(e.dir) for t, e in entries.items()}}
-    return RunData(str(store.root), prepared.dataset_id, specs, rows, shards, data_ref)
+                "entries": {t: str(e.dir) for t, e in whole.items()}}
+    held_out_s = sum(r.seconds * (len(texts) - len(first)) / r.embedded + r.warm_seconds
+                     for r in extracted if r.embedded) if later else None
+    return RunData(str(store.root), prepared.dataset_id, specs, rows, shards, data_ref, held_out_s)
+
+
+def embed_held_out(data: RunData) -> list:
+    """Embed the held-out split's texts that `prepare_run(held_out_later=True)` left (nothing if it left none);
+    returns the teachers' ExtractResults."""
+    if data.held_out_s is None:
+        return []
+    from cube_ray.extract import extract_all
+    from cube_ray.store import dataset_texts
+
+    store = EmbeddingStore(data.store)
+    return extract_all(dataset_texts(store.dataset_dir(data.dataset_id)), list(data.specs.values()), store)
 
 
 def _embedding_error(error: BaseException) -> str | None:

@@ -55,7 +55,16 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
 
     class RecordingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            action = super().on_trial_result(tune_controller, trial, result)
+            # Ray's ASHA judges a result only at the highest rung it has reached. A report that passes several at
+            # once (on the cost clock, a round charged with a step longer than a rung) would be judged only there,
+            # where few trials or none are recorded yet, and so escape every rung below: judge it at each in turn.
+            action = TrialScheduler.CONTINUE
+            for rung in passed_rungs(self, trial, result):
+                action = super().on_trial_result(tune_controller, trial, {**result, self._time_attr: rung})
+                if action == TrialScheduler.STOP:
+                    break
+            else:
+                action = super().on_trial_result(tune_controller, trial, result)
             if action == TrialScheduler.STOP and not result.get(DONE_TRAINING):
                 path = exp / ASHA_STOPPED
                 stopped = json.loads(path.read_text()) if path.exists() else []
@@ -70,6 +79,17 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
     # stop_last_trials=False: a trial that reaches max_t ends by itself, cleanly, instead of being killed
     return RecordingASHA(time_attr=CLOCK_STEP[asha_clock(search, space)], metric=ROUND_METRIC, mode="max",
                          max_t=max(max_t, grace), grace_period=grace, reduction_factor=factor, stop_last_trials=False)
+
+
+def passed_rungs(scheduler, trial, result: dict) -> list[float]:
+    """The rungs below the highest that `result` reaches at which ASHA has not judged `trial` yet, lowest first
+    (Ray's ASHAScheduler keeps them in its trial's bracket: (rung, {trial id: score}), highest first)."""
+    bracket, clock = scheduler._trial_info.get(trial.trial_id), result.get(scheduler._time_attr)
+    if bracket is None or clock is None or scheduler._metric not in result:
+        return []
+    reached = sorted(rung for rung, _ in bracket._rungs if rung <= clock)
+    judged = max((rung for rung, recorded in bracket._rungs if trial.trial_id in recorded), default=0.0)
+    return [rung for rung in reached[:-1] if rung > judged]
 
 
 def epoch_samples(space: SearchSpace, train_rows: int) -> int:
@@ -106,13 +126,20 @@ def space_for(search: SearchConfig) -> SearchSpace:
                                gpus_per_worker=search.gpus_per_worker, keep_checkpoints=search.keep_checkpoints, seed=search.seed,
                                epochs=trial_epochs(search, space),
                                report_every_samples=search.report_every_samples or space.base.report_every_samples,
-                               # on the cost clock a round every first rung's worth of training seconds: every rung
-                               # (a multiple of it) is judged right after a trial reaches it
-                               report_every_s=scheduler_settings(search, space)[0] if asha_clock(search, space) == "cost" else 0.0)
+                               **cost_rounds(search, space))
     base.validate()
     base = with_init_checkpoint(base)  # absolute: a trial resolves a relative path in its own working directory
     check_warmup_fits(search, space, base.epochs)
     return dataclasses.replace(space, base=base)
+
+
+def cost_rounds(search: SearchConfig, space: SearchSpace) -> dict:
+    """On the cost clock, a trial's rounds at ASHA's rungs (grace x factor^k training seconds): each rung is judged
+    right after a trial reaches it, and no round is scored between two, where ASHA decides nothing."""
+    if asha_clock(search, space) != "cost":
+        return {"report_every_s": 0.0}
+    grace, factor = scheduler_settings(search, space)
+    return {"report_every_s": grace, "report_growth": float(factor)}
 
 
 def check_warmup_fits(search: SearchConfig, space: SearchSpace, epochs: int) -> None:
@@ -346,7 +373,7 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     from cube_ray.cli import default_store, init_ray
     from cube_ray.report import build_report
     from cube_ray.teachers.registry import load_registry
-    from cube_ray.train.run import prepare_run
+    from cube_ray.train.run import embed_held_out, prepare_run
 
     saved = exp / SEARCH
     if resume:
@@ -370,33 +397,37 @@ def _search(search: SearchConfig, exp: Path, address: str | None, resume: bool, 
     require_state_api()
     # Once for all trials: data preparation (the contamination check refuses a bad split here), extraction of
     # whatever the store lacks, and the per-worker train shards.
-    data = prepare_run(space.base, search.store, registry)
+    data = prepare_run(space.base, search.store, registry, held_out_later=True)
     exp.mkdir(parents=True, exist_ok=True)
     save_yaml(search, saved)
-    _tuner(dataclasses.replace(search, time_budget_s=trial_budget(search, start)), space, data, restore=resume).fit()
+    budget = trial_budget(search, start, data.held_out_s or 0.0)
+    _tuner(dataclasses.replace(search, time_budget_s=budget), space, data, restore=resume).fit()
     for run_dir in exp.glob("trial_*/train"):  # trials ASHA killed may have left an unregistered checkpoint
         prune_unregistered_checkpoints(run_dir)
     for trial_dir in exp.glob("trial_*"):  # every trial has ended: none needs its optimiser state any more
         drop_optimisers(trial_dir)
+    embed_held_out(data)  # the report's held-out table needs it; the trials did not
     _log_elapsed(exp, time.time() - start)
     build_report(exp)
     return exp
 
 
-def trial_budget(search: SearchConfig, start: float) -> float | None:
+def trial_budget(search: SearchConfig, start: float, held_out_s: float = 0.0) -> float | None:
     """The trials' time budget: time_budget_s, cut to what wall_budget_s leaves after the search's set-up (data
-    preparation, extraction) and the report's reserve. (A resumed Tuner keeps the budget of its first session.)"""
+    preparation, extraction), the held-out split's extraction after the trials (`held_out_s`, expected) and the
+    report's reserve. (A resumed Tuner keeps the budget of its first session.)"""
     if not search.wall_budget_s:
         return search.time_budget_s
     set_up = time.time() - start
-    left = search.wall_budget_s - set_up - REPORT_RESERVE_S
+    left = search.wall_budget_s - set_up - held_out_s - REPORT_RESERVE_S
     if left < MIN_TRIAL_BUDGET_S:
         log.warning("the wall budget (%.0f s) leaves the trials %.0f s after set-up; they get %.0f s, so the search "
                     "overruns it", search.wall_budget_s, left, MIN_TRIAL_BUDGET_S)
         left = MIN_TRIAL_BUDGET_S
     budget = min(left, search.time_budget_s or left)
-    log.info("trials: %.0f s (the wall budget of %.0f s less %.0f s of set-up and %.0f s kept for the report)",
-             budget, search.wall_budget_s, set_up, REPORT_RESERVE_S)
+    log.info("trials: %.0f s (the wall budget of %.0f s less %.0f s of set-up, %.0f s to embed the held-out split "
+             "after them and %.0f s kept for the report)", budget, search.wall_budget_s, set_up, held_out_s,
+             REPORT_RESERVE_S)
     return budget
 
 

@@ -1,6 +1,8 @@
 """Ray Train cube training on a real local Ray, the real minilm teacher and the bundled SQuAD sample."""
 import dataclasses
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,13 +11,16 @@ import torch
 
 from cube_ray.checkpoint import load_checkpoint
 from cube_ray.config import ConfigError, DataConfig, TrainConfig
+from cube_ray.data.prepare import prepare
 from cube_ray.model import AdapterConfig, CubeConfig, LossConfig
 from cube_ray.evaluate import student_metrics
 from cube_ray.experiment import INIT_FROM
-from cube_ray.store import EmbeddingStore
+from cube_ray.store import EmbeddingError, EmbeddingStore
+from cube_ray.teachers.model import Teacher
 from cube_ray.train.calibration import MIXES
 from cube_ray.train.data import load_shard, load_split
-from cube_ray.train.run import fit, prepare_run
+from cube_ray.train.loop import next_round_s
+from cube_ray.train.run import embed_held_out, fit, prepare_run
 from cube_ray.train.snapshot import load_for_eval, load_snapshot
 
 
@@ -264,6 +269,32 @@ def test_each_worker_gets_its_row_range_of_the_train_split_as_numpy_blocks(store
         assert torch.equal(shard.a["minilm"], split.a["minilm"][order])
 
 
+def test_a_search_embeds_the_held_out_split_after_the_texts_its_trials_read(tmp_path, ray_local):
+    """prepare_run(held_out_later=True), as a search calls it, embeds the train and val texts, which is all a run
+    reads while it trains; embed_held_out then embeds the held-out split's texts, and only those."""
+    store = EmbeddingStore(tmp_path / "store")
+    cfg = small(data=DataConfig(limit=120, val_fraction=0.3), epochs=1)
+    data = prepare_run(cfg, store.root, held_out_later=True)
+    assert data.held_out_s > 0  # what the search keeps of its wall budget for it
+    with pytest.raises(EmbeddingError, match="no complete 'minilm' embeddings"):
+        load_split(store, data.dataset_id, "eval", data.specs)
+    result = fit(cfg, store.root, tmp_path / "run", data=data)
+    assert result.history[-1]["minilm/mrr"] > 0  # scored on val
+    [later] = embed_held_out(data)
+    prepared = prepare(cfg.data, store.root)
+    eval_only = set(prepared.unique_texts()) - set(prepared.unique_texts(skip="eval"))
+    assert later.embedded == len(eval_only) and later.reused == len(prepared.unique_texts(skip="eval"))
+    whole = store.dataset_entry(data.dataset_id, data.specs["minilm"])
+    assert whole.complete and whole.dir == Path(data.data_ref["entries"]["minilm"])
+    held_out = load_split(store, data.dataset_id, "eval", data.specs)
+    first = EmbeddingStore(store.root).dataset_entry(data.dataset_id, data.specs["minilm"], "val")
+    assert first.dir == whole.dir  # complete now: every split reads the whole entry
+    direct = Teacher(data.specs["minilm"]).embed([held_out.questions[3]])
+    np.testing.assert_allclose(held_out.q["minilm"][3:4].numpy(), direct, atol=1e-4)
+    # a prepare_run that finds the whole entry leaves nothing for later
+    assert prepare_run(cfg, store.root, held_out_later=True).held_out_s is None
+
+
 def test_in_a_tune_trial_the_loop_trains_as_in_a_ray_train_run(store, tmp_path):
     """A search's 1-worker trial runs the loop right in its Tune trial (fit_in_trial, reporting through TuneSession);
     a Ray Train run (fit, TrainSession) of the same config and seed gives the same rounds, epochs and weights."""
@@ -308,6 +339,23 @@ def test_on_the_cost_clock_rounds_come_by_seconds_and_the_stage_budget_ends_the_
     assert before and all(r["time_s"] < budget + 1.0 for r in before)  # the stage's rounds: within its budget (+ a step)
     inside = [r["cost_s"] // every for r in rounds if r["samples_seen"] % epoch]  # rounds inside epochs: by seconds
     assert len(inside) >= 3 and inside == sorted(set(inside))
+
+
+def test_with_report_growth_rounds_fall_at_the_rungs_only(store, tmp_path):
+    """A search sets report_growth to ASHA's factor: rounds inside an epoch come once the training seconds reach
+    every x growth^k (the rungs), one a rung, and none between, where ASHA decides nothing."""
+    assert [next_round_s(TrainConfig(report_every_s=3, report_growth=3), last) for last in (0, 2.9, 3.0, 9.5, 30)] \
+        == [3, 3, 9, 27, 81]
+    assert [next_round_s(TrainConfig(report_every_s=3), last) for last in (0, 3.0, 9.5)] == [3, 6, 12]
+    every, growth = 0.01, 2.0
+    result = fit(small(epochs=2, batch_size=8, report_every_s=every, report_growth=growth), store, tmp_path / "run")
+    rounds = load_checkpoint(tmp_path / "run" / "latest").state["train_state"]["rounds"]
+    epoch = result.history[0]["samples_seen"]
+    rung = lambda seconds: math.floor(math.log(seconds / every, growth) + 1e-9)  # noqa: E731
+    inside = [rung(r["cost_s"]) for r in rounds if r["samples_seen"] % epoch]
+    assert len(inside) >= 3 and inside == sorted(set(inside))  # one round a rung
+    steps = 2 * epoch // 8
+    assert len(rounds) < steps / 4  # not a round every 10 ms
 
 
 def test_on_the_cost_clock_a_step_longer_than_a_round_is_judged_before_it_runs(store, tmp_path):

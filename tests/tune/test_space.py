@@ -191,6 +191,25 @@ def test_on_the_cost_clock_asha_judges_training_seconds_and_bounds_a_staged_tria
     assert trial_config(staged, space, SearchConfig(max_epochs=3, asha_clock="samples")).stage_budget_s == 0
 
 
+def test_a_report_that_passes_several_rungs_at_once_is_judged_at_each(tmp_path):
+    """A round charged with a step longer than a rung (cost clock) can pass rungs 3, 9 and 27 at once: ASHA judges it
+    at the lowest first, against the trials there, instead of only at the highest, where none is recorded yet (Ray's
+    ASHA alone let such a trial through with its untrained score)."""
+    search = SearchConfig(max_epochs=3)
+    scheduler = asha(search, space_for(search), tmp_path, 16619)  # rungs at 3, 9, 27, 81 ... s
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("a", "b", "slow", "slower")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    for name, score in (("a", 0.69), ("b", 0.70)):
+        assert scheduler.on_trial_result(None, trials[name], {"cost_s": 3.1, "round_eval": score}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["slow"], {"cost_s": 40.0, "round_eval": 0.66}) == TrialScheduler.STOP
+    assert json.loads((tmp_path / ASHA_STOPPED).read_text()) == ["slow"]
+    # as good as the best at the first rung: it goes on, judged at 9 and 27 too on the way (nobody there yet)
+    assert scheduler.on_trial_result(None, trials["slower"], {"cost_s": 40.0, "round_eval": 0.71}) \
+        == TrialScheduler.CONTINUE
+    assert all("slower" in recorded for rung, recorded in scheduler._trial_info["slower"]._rungs if rung <= 40)
+
+
 def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
     search = SearchConfig(max_epochs=3)
     assert trial_config(sample(space_for(search), 1, seed=0)[0], space_for(search), search)
