@@ -16,8 +16,10 @@ val split of one article that picks, both teachers, a warm store) with the same 
 
 Per run: trials started, the share stopped early by ASHA, the median fixed cost per trial (the trial's start stamp
 to its worker's setup_done in timing.json), the best trial's picking-split MRR and the same checkpoint's MRR on the
-held-out eval split (mean over teachers), and the disk the experiment keeps. Prints a table and writes
-results/bench_search.json; each run's experiment stays under --out for a look.
+held-out eval split (mean over teachers), and the disk the experiment keeps. Then per setup, over the seeds: the best
+trial's held-out MRR (mean ± sd), the base preset's (the same config every run: its sd is the seed noise a sampler
+works against) and the spread (sd) of the complete trials' picking-split MRR inside a run, which is what a sampler
+can tell apart. Prints the tables and writes results/bench_search.json; each run's experiment stays under --out.
 """
 from __future__ import annotations
 
@@ -79,6 +81,9 @@ def figures(setup: str, seed: int, exp: Path) -> dict:
         if "setup_done" in timing.get("worker", {}):
             fixed.append(timing["worker"]["setup_done"] - timing["trial"]["start"])
     held_out = report["held_out"]["table"]
+    complete = [t["eval"] for t in report["trials"] if t["status"] == "complete" and t.get("eval") is not None]
+    base = report.get("base_preset") or {}
+    base_held_out = [rows["model"]["mrr"] for rows in base.get("held_out", {}).get("table", {}).values()]
     disk = subprocess.run(["du", "-sb", str(exp)], capture_output=True, text=True, check=True).stdout.split()[0]
     return {"setup": setup, "seed": seed, "trials": cost["trials"],
             "full_budget": cost["complete"] + cost["early_stop"],
@@ -87,7 +92,24 @@ def figures(setup: str, seed: int, exp: Path) -> dict:
             "best_pick_mrr": report["best"]["eval"],
             "best_held_out_mrr": statistics.mean(rows["model"]["mrr"] for rows in held_out.values()),
             "identity_held_out_mrr": statistics.mean(rows["identity"]["mrr"] for rows in held_out.values()),
+            # what a sampler has to work with: how far apart the configs that trained to the end score on the
+            # picking split, against the seed noise (the base preset's held-out MRR across seeds, in the summary)
+            "complete_trials": len(complete),
+            "complete_spread": statistics.stdev(complete) if len(complete) > 1 else None,
+            "base_held_out_mrr": statistics.mean(base_held_out) if base_held_out else None,
             "disk_mb": int(disk) / 2**20, "picked_on": report["held_out"].get("picked_on"), "experiment": str(exp)}
+
+
+def mean_of(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def fmt(value: float | None, sd: float | None = None) -> str:
+    """`mean ± sd` over seeds (4 decimals), or - where there is nothing to show."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
 
 
 def machine_gflops() -> float:
@@ -127,9 +149,17 @@ def main() -> None:
         print(f"{r['setup']:<8} {r['seed']:>4} {r['trials']:>6} {r['full_budget']:>5} {r['stopped_early_share']:>8.0%} "
               f"{fixed:>8} {r['best_pick_mrr']:>9.4f} {r['best_held_out_mrr']:>12.4f} {r['identity_held_out_mrr']:>9.4f} "
               f"{r['disk_mb']:>8.0f}")
-    summary = {s: {k: statistics.mean(r[k] for r in rows if r["setup"] == s and r[k] is not None)
+    summary = {s: {k: mean_of([r[k] for r in rows if r["setup"] == s])
                    for k in ("trials", "full_budget", "stopped_early_share", "fixed_cost_s", "best_pick_mrr",
-                             "best_held_out_mrr", "disk_mb")} for s in setups}
+                             "best_held_out_mrr", "disk_mb", "complete_spread", "base_held_out_mrr")} for s in setups}
+    for s in setups:
+        for k in ("best_held_out_mrr", "base_held_out_mrr"):
+            values = [r[k] for r in rows if r["setup"] == s and r[k] is not None]
+            summary[s][f"{k}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    print(f"\n{'setup':<8} {'best held-out MRR':>20} {'base preset held-out':>22} {'complete trials spread (sd)':>28}")
+    for s, m in summary.items():
+        print(f"{s:<8} {fmt(m['best_held_out_mrr'], m['best_held_out_mrr_sd']):>20} "
+              f"{fmt(m['base_held_out_mrr'], m['base_held_out_mrr_sd']):>22} {fmt(m['complete_spread']):>28}")
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "search", "budget_s": args.budget_s, "seeds": seeds, "matmul_gflops": gflops, "data": "bundled sample, 600 pairs per "
            "file, val 0.25 (one article) picks, eval file held out; teachers minilm + smollm2", "rows": rows,

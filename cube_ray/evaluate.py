@@ -17,6 +17,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import torch
 
 from cube_ray import criteria
@@ -28,22 +29,24 @@ from cube_ray.train.data import Pairs
 ROWS = ("model", *BASELINES)
 
 
-def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue",
-                    untrained: bool = False) -> dict[str, dict[str, float]]:
+def student_metrics(student: Student, pairs: Pairs, mode: str = "dialogue", untrained: bool = False,
+                    queries=None) -> dict[str, dict[str, float]]:
     """Per teacher: retrieval metrics of q -> a (or reconstruction cosine in autoencoder mode), steps, entropy. A fused
     student predicts from every teacher's embedding of the text at once. `untrained`: a residual student before its
     first step predicts its input exactly (its decoders' last layers start at zero), so the inputs stand in for its
-    predictions and no forward pass runs (steps: nan)."""
+    predictions and no forward pass runs (steps: nan). `queries`: score only these rows' questions, still against
+    every answer of `pairs` (the same pool, so the figures estimate the whole split's without bias)."""
     predict = (lambda xs: (dict(xs), {t: math.nan for t in xs})) if untrained else student.predict_each
+    rows = slice(None) if queries is None else np.asarray(queries, dtype=np.int64)
     if mode == "autoencoder":
-        preds, steps = predict(pairs.a)
-        return {t: {"recon_cos": reconstruction_cosine(preds[t], pairs.a[t]), "steps": steps[t]} for t in pairs.a}
+        preds, steps = predict({t: x[rows] for t, x in pairs.a.items()})
+        return {t: {"recon_cos": reconstruction_cosine(preds[t], pairs.a[t][rows]), "steps": steps[t]} for t in pairs.a}
     pool = dedup_pool(pairs.answers)
-    preds, steps = predict(pairs.q)
+    preds, steps = predict({t: x[rows] for t, x in pairs.q.items()})
     out = {}
     for t in pairs.q:
         answers = pairs.a[t][torch.as_tensor(pool.first)]
-        out[t] = {**retrieval_metrics(preds[t], pool.index, answers), "steps": steps[t],
+        out[t] = {**retrieval_metrics(preds[t], pool.index[rows], answers), "steps": steps[t],
                   "entropy": retrieval_entropy(preds[t], answers)}
     return out
 

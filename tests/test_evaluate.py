@@ -46,8 +46,26 @@ def test_an_untrained_residual_student_scores_exactly_the_identity_row(center):
         assert rows["identity"]["mrr"] > 0.2 > rows["mean_answer"]["mrr"]  # a task where doing nothing retrieves
     # so a round before the first step scores the inputs instead of running the cube (train/loop.py)
     shortcut = evaluate.student_metrics(student, held_out, untrained=True)
-    for t, run in evaluate.student_metrics(student, held_out).items():
+    whole = evaluate.student_metrics(student, held_out)
+    for t, run in whole.items():
         assert {k: v for k, v in run.items() if k != "steps"} == {k: v for k, v in shortcut[t].items() if k != "steps"}
+
+
+def test_scoring_some_queries_ranks_them_among_every_answer():
+    """A round that scores part of its slice's queries (train/loop.py) ranks them among all of the slice's answers:
+    the parts average to the whole, and a part scored on its own (fewer distractors) would score higher."""
+    g = torch.Generator().manual_seed(1)
+    q = {"t": torch.randn(120, 16, generator=g)}
+    a = {"t": q["t"] + 1.5 * torch.randn(120, 16, generator=g)}  # a hard task: MRR well below 1
+    pairs = Pairs([str(i) for i in range(120)], [f"q{i}" for i in range(120)], [f"a{i}" for i in range(120)], q, a)
+    student = Student(CubeConfig(dims=[4, 4, 4], max_steps=3), AdapterConfig(), {"t": 16})
+    whole = evaluate.student_metrics(student, pairs)["t"]["mrr"]
+    halves = [range(0, 120, 2), range(1, 120, 2)]
+    parts = [evaluate.student_metrics(student, pairs, queries=rows)["t"]["mrr"] for rows in halves]
+    assert whole < 0.7 and sum(parts) / 2 == pytest.approx(whole, abs=1e-12) and parts[0] != pytest.approx(parts[1])
+    alone = Pairs([str(i) for i in halves[0]], [f"q{i}" for i in halves[0]], [f"a{i}" for i in halves[0]],
+                  {"t": q["t"][::2]}, {"t": a["t"][::2]})
+    assert evaluate.student_metrics(student, alone)["t"]["mrr"] > parts[0] + 0.05
 
 
 def test_evaluate_json_has_model_and_the_baselines(checkpoint, capsys):

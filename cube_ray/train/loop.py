@@ -58,6 +58,10 @@ log = logging.getLogger("cube_ray.train")
 # The batch sizer's probe: the bytes autograd saves grow linearly with the samples (the default cube's 7,112 KiB per
 # sample measure the same at 4, 8 and 32), so 8 samples measure what 32 would at a third of the probe's time.
 PROBE_SIZE = 8
+# On the cost clock a round scores as many of its slice's queries as the trial trained samples since the last round,
+# and at least this many: a slow config's first rung (3 s: a few dozen samples) no longer costs twice its training
+# in scoring, and its score still estimates the slice's without bias (the same answer pool, a random subset).
+MIN_ROUND_QUERIES = 64
 
 
 def _train_statistics(cfg: TrainConfig, shard: Pairs, world: int,
@@ -105,6 +109,7 @@ class Worker:
     callbacks: list[Callback]
     shard: Pairs  # this worker's train rows, centred
     round_pairs: Pairs  # the fixed slice of the picking split every round scores
+    round_order: np.ndarray  # a fixed, seeded order of its rows: a round that scores n of them scores the first n
     centres: dict[str, Centering]
     specs: dict[str, TeacherSpec]
     config: dict  # fit's train_loop_config
@@ -202,13 +207,14 @@ def setup_worker(config: dict, session) -> Worker:
     if state.micro_batch:
         sizer.micro = state.micro_batch
     else:
-        step_s = probe_micro_batch(sizer, run, model, shard) * share
+        step_s = probe_micro_batch(sizer, run, model, shard, share)
     callbacks: list[Callback] = [Curriculum(), EarlyStopping(cfg.patience, cfg.entropy_patience, cfg.min_delta),
                                  EvalSamples(cfg.eval_samples), BestCheckpoints(), RayMetrics()]
     for cb in callbacks:
         cb.on_start(run)
-    return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard,
-                  round_slice(eval_pairs, cfg.round_eval_size, cfg.seed), centres, specs, config, steps_per_epoch,
+    round_pairs = round_slice(eval_pairs, cfg.round_eval_size, cfg.seed)
+    return Worker(run, model, optimizer, schedule, sizer, CombinedLoss(cfg.loss), callbacks, shard, round_pairs,
+                  np.random.default_rng(cfg.seed).permutation(len(round_pairs)), centres, specs, config, steps_per_epoch,
                   share, world, str(snap.checkpoint.dir) if snap is not None else None, session, step_s=step_s,
                   timing=timing)
 
@@ -221,17 +227,25 @@ def worker_batch_sizer(cfg: TrainConfig, share: int, device: torch.device, worke
     return BatchSizer(share, memory_budget_bytes(cfg.memory_budget_mb, workers_on_node), cfg.max_micro_batch)
 
 
-def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs) -> float:
+def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs, share: int) -> float:
     """Size the micro-batch by a probe step of the current stage's tasks (modes differ in rows per sample), in
     training mode, and draw nothing from the RNGs training draws from: a run resumed at a stage's start then probes
-    as the uninterrupted run did and continues bit for bit. Returns the probe's seconds per sample."""
+    as the uninterrupted run did and continues bit for bit. Returns the seconds a step of `share` samples should take:
+    a line through two more (warm) passes, a pass's fixed cost and its cost per sample (the probe's own per-sample
+    time, first call included, put the default cube's 256-sample step at 2.4x what it took on a slow machine)."""
     run.student.train()
     size = min(PROBE_SIZE, len(shard))
-    start = time.perf_counter()
+    pass_on = lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode)  # noqa: E731
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        sizer.probe(lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode),
-                    probe_size=size, parameters=list(run.student.parameters()))
-    return (time.perf_counter() - start) / size
+        sizer.probe(pass_on, probe_size=size, parameters=list(run.student.parameters()))
+        seconds = []
+        for n in (max(1, size // 2), size):
+            start = time.perf_counter()
+            pass_on(n)
+            seconds.append(time.perf_counter() - start)
+    per_sample = max(0.0, (seconds[1] - seconds[0]) / max(1, size - max(1, size // 2)))
+    fixed = max(0.0, seconds[0] - per_sample * max(1, size // 2))
+    return sizer.accumulation * fixed + per_sample * share
 
 
 def begin_stage(w: Worker) -> None:
@@ -248,21 +262,34 @@ def begin_stage(w: Worker) -> None:
     w.schedule = make_schedule(cfg, w.optimizer, (stage.first_epoch + stage.epochs) * w.steps_per_epoch - state.global_step)
     state.epochs_without_improvement = state.epochs_without_entropy_drop = 0
     state.best_entropy = float("inf")
-    w.step_s = probe_micro_batch(w.sizer, run, w.model, w.shard) * w.share
+    w.step_s = probe_micro_batch(w.sizer, run, w.model, w.shard, w.share)
     if run.rank == 0:
         log.info("stage %s from epoch %d, step %d, starting from %s", stage.mode, state.epoch + 1,
                  state.step_in_epoch + 1, source)
 
 
-def selection_score(w: Worker, pairs: Pairs) -> tuple[float, dict[str, dict[str, float]]]:
-    """The selection metric on `pairs` (mean over teachers) and each teacher's metrics."""
+def selection_score(w: Worker, pairs: Pairs, queries: np.ndarray | None = None) -> tuple[float, dict[str, dict[str, float]]]:
+    """The selection metric on `pairs` (or those of its queries) (mean over teachers) and each teacher's metrics."""
     cfg, start = w.run.cfg, time.perf_counter()
-    # a round before the first step (one charged with a long step): a residual student is still its input
-    untrained = w.run.state.global_step == 0 and w.run.student.cfg.residual and not cfg.init_from
     per_teacher = student_metrics(w.run.student, pairs, "autoencoder" if cfg.mode == "autoencoder" else "dialogue",
-                                  untrained)
+                                  untrained(w), queries)
     w.timing["score_s"] = w.timing.get("score_s", 0.0) + time.perf_counter() - start
     return float(np.mean([m[selection_key(cfg)] for m in per_teacher.values()])), per_teacher
+
+
+def untrained(w: Worker) -> bool:
+    """Before the first step (a round charged with a long step), where a residual student is still its input."""
+    return w.run.state.global_step == 0 and w.run.student.cfg.residual and not w.run.cfg.init_from
+
+
+def round_queries(w: Worker) -> np.ndarray | None:
+    """The rows of the round's slice this round scores (None: all): on the cost clock as many as the samples trained
+    since the last round (MIN_ROUND_QUERIES at least), the first of the slice's fixed order."""
+    state = w.run.state
+    if not w.run.cfg.report_every_s or untrained(w):  # an untrained student is scored without running it
+        return None
+    n = max(MIN_ROUND_QUERIES, state.samples_seen - (state.rounds[-1]["samples_seen"] if state.rounds else 0))
+    return np.sort(w.round_order[:n]) if n < len(w.round_pairs) else None
 
 
 def selection_key(cfg: TrainConfig) -> str:
@@ -276,8 +303,10 @@ def round_metrics(w: Worker, elapsed: float, whole_split_score: float | None = N
     so far, and `ahead`, those of the step the run is about to take (a round before a long step)."""
     state = w.run.state
     same = whole_split_score is not None and w.round_pairs is w.run.eval_pairs
-    score = whole_split_score if same else selection_score(w, w.round_pairs)[0]
+    queries = None if same else round_queries(w)
+    score = whole_split_score if same else selection_score(w, w.round_pairs, queries)[0]
     row = {"samples_seen": state.samples_seen, "round_eval": score, "time_s": state.seconds + elapsed,
+           "round_queries": len(w.round_pairs) if queries is None else len(queries),
            COST_STEP: state.seconds + elapsed + ahead,
            "epoch_progress": state.epoch + state.step_in_epoch / w.steps_per_epoch,
            TASK_STEP: state.samples_seen - state.task_start if state.stage == len(stage_plan(w.run.cfg)) - 1 else 0,

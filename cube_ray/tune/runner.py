@@ -59,12 +59,15 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
             # once (on the cost clock, a round charged with a step longer than a rung) would be judged only there,
             # where few trials or none are recorded yet, and so escape every rung below: judge it at each in turn.
             action = TrialScheduler.CONTINUE
-            for rung in passed_rungs(self, trial, result):
-                action = super().on_trial_result(tune_controller, trial, {**result, self._time_attr: rung})
-                if action == TrialScheduler.STOP:
-                    break
+            if result.get("samples_seen") == 0:  # a round before the first step, charged with it: see untrained_verdict
+                action = untrained_verdict(self, trial, result)
             else:
-                action = super().on_trial_result(tune_controller, trial, result)
+                for rung in passed_rungs(self, trial, result):
+                    action = super().on_trial_result(tune_controller, trial, {**result, self._time_attr: rung})
+                    if action == TrialScheduler.STOP:
+                        break
+                else:
+                    action = super().on_trial_result(tune_controller, trial, result)
             if action == TrialScheduler.STOP and not result.get(DONE_TRAINING):
                 path = exp / ASHA_STOPPED
                 stopped = json.loads(path.read_text()) if path.exists() else []
@@ -90,6 +93,24 @@ def passed_rungs(scheduler, trial, result: dict) -> list[float]:
     reached = sorted(rung for rung, _ in bracket._rungs if rung <= clock)
     judged = max((rung for rung, recorded in bracket._rungs if trial.trial_id in recorded), default=0.0)
     return [rung for rung in reached[:-1] if rung > judged]
+
+
+def untrained_verdict(scheduler, trial, result: dict) -> str:
+    """ASHA's verdict on a round before a trial's first step (a step longer than a rung, charged ahead): STOP where the
+    trials that trained to a rung it passes beat its score there (its input's: it has learnt nothing), else CONTINUE.
+    It is recorded at no rung: an untrained score would lower the bar every later trial is held to there."""
+    from ray.tune.schedulers import TrialScheduler
+
+    bracket, clock = scheduler._trial_info.get(trial.trial_id), result.get(scheduler._time_attr)
+    if bracket is None or clock is None or scheduler._metric not in result:
+        return TrialScheduler.CONTINUE
+    score = scheduler._metric_op * result[scheduler._metric]
+    for rung, recorded in sorted(bracket._rungs, key=lambda r: r[0]):
+        cutoff = bracket.cutoff(recorded) if rung <= clock else None
+        if cutoff is not None and score < cutoff:
+            scheduler._num_stopped += 1
+            return TrialScheduler.STOP
+    return TrialScheduler.CONTINUE
 
 
 def epoch_samples(space: SearchSpace, train_rows: int) -> int:

@@ -356,6 +356,12 @@ def test_with_report_growth_rounds_fall_at_the_rungs_only(store, tmp_path):
     assert len(inside) >= 3 and inside == sorted(set(inside))  # one round a rung
     steps = 2 * epoch // 8
     assert len(rounds) < steps / 4  # not a round every 10 ms
+    # a round inside an epoch scores as many of the slice's queries as it trained samples (64 at least)
+    split = rounds[-1]["round_queries"]  # the epoch's end: the whole split
+    trained = [(r["round_queries"], r["samples_seen"] - before["samples_seen"]) for before, r in zip(rounds, rounds[1:])
+               if r["samples_seen"] % epoch]
+    assert trained and all(n == min(max(64, samples), split) for n, samples in trained)
+    assert any(n < split for n, _ in trained)
 
 
 def test_on_the_cost_clock_a_step_longer_than_a_round_is_judged_before_it_runs(store, tmp_path):

@@ -210,6 +210,27 @@ def test_a_report_that_passes_several_rungs_at_once_is_judged_at_each(tmp_path):
     assert all("slower" in recorded for rung, recorded in scheduler._trial_info["slower"]._rungs if rung <= 40)
 
 
+def test_a_round_before_the_first_step_is_judged_against_trained_trials_and_recorded_nowhere(tmp_path):
+    """A config whose first step outlasts a rung reports before it, untrained (samples_seen 0), its score its input's:
+    stopped where trained trials beat it at a rung it passes, and never recorded, so it does not lower the bar
+    (the base preset's own untrained round, on half a 2-core machine, had let every later config through rung 3)."""
+    search = SearchConfig(max_epochs=3)
+    scheduler = asha(search, space_for(search), tmp_path, 16619)  # rungs at 3, 9, 27 ... s
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("first", "base", "monster", "later")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    untrained = {"samples_seen": 0, "cost_s": 40.0, "round_eval": 0.659}
+    assert scheduler.on_trial_result(None, trials["first"], untrained) == TrialScheduler.CONTINUE  # nobody to beat
+    assert scheduler.on_trial_result(None, trials["base"], {"samples_seen": 512, "cost_s": 4.9, "round_eval": 0.664}) \
+        == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["monster"], untrained) == TrialScheduler.STOP
+    rungs = scheduler._trial_info["base"]._rungs
+    assert [list(recorded) for rung, recorded in rungs if recorded] == [["base"]]  # the untrained recorded nowhere
+    # the bar at rung 3 is the trained trial's: a trained score below it stops
+    assert scheduler.on_trial_result(None, trials["later"], {"samples_seen": 64, "cost_s": 3.2, "round_eval": 0.661}) \
+        == TrialScheduler.STOP
+
+
 def test_a_space_cannot_warm_a_curriculum_up_for_longer_than_a_trial_trains():
     search = SearchConfig(max_epochs=3)
     assert trial_config(sample(space_for(search), 1, seed=0)[0], space_for(search), search)
