@@ -110,6 +110,17 @@ class ExtractResult:
     def texts_per_s(self) -> float:
         return self.embedded / self.seconds if self.embedded and self.seconds else float("nan")
 
+    def seconds_for(self, texts: int) -> float:
+        """The seconds embedding `texts` more should take, going by this extraction: its pool's start (actors, model
+        load: its first shard's time less what the steady rate gives that shard) and its steady rate; 0 where it
+        embedded nothing to go by."""
+        if not self.embedded:
+            return 0.0
+        rate = self.steady_texts_per_s
+        if rate != rate:  # NaN: one shard only, its start not told apart
+            return self.seconds * texts / self.embedded
+        return max(0.0, self.warm_seconds - self.warm_texts / rate) + texts / rate
+
 
 def _pool_shape(spec: TeacherSpec, concurrency: int | None) -> tuple[int, float, float]:
     """(actors, CPUs per actor, GPUs per actor). On CPU, by default one actor per 2 CPUs, so each actor's torch uses

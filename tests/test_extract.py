@@ -9,7 +9,7 @@ import pytest
 import cube_ray.teachers.registry as registry
 from cube_ray.config import ConfigError, DataConfig
 from cube_ray.data.prepare import prepare
-from cube_ray.extract import extract_teacher, main
+from cube_ray.extract import ExtractResult, extract_teacher, main
 from cube_ray.store import SHARD_SIZE, EmbeddingError, EmbeddingStore, pairs_dataset, shard_order, split_embeddings
 from cube_ray.teachers import get_teacher
 from cube_ray.teachers.model import Teacher
@@ -22,6 +22,17 @@ def sample(tmp_path_factory, ray_local):
     prepared = prepare(DataConfig(limit=150), root)
     assert len(prepared.unique_texts()) > SHARD_SIZE  # at least two shards, so resume has something to skip
     return prepared, EmbeddingStore(root)
+
+
+def test_the_time_more_texts_take_goes_by_the_pools_start_and_its_steady_rate():
+    """What a search keeps of its wall budget for embedding the held-out split after its trials."""
+    done = ExtractResult("t", None, cached=False, texts=1000, embedded=1000, seconds=110.0, warm_seconds=25.0,
+                         warm_texts=100)
+    # after the first shard 900 texts in 85 s; the pool's start: 25 s less that shard's 100 texts at that rate
+    rate = 900 / 85
+    assert done.seconds_for(500) == pytest.approx(25 - 100 / rate + 500 / rate)
+    assert dataclasses.replace(done, embedded=0).seconds_for(500) == 0  # a cache hit: nothing to go by
+    assert dataclasses.replace(done, warm_seconds=110.0, warm_texts=1000).seconds_for(500) == pytest.approx(55)
 
 
 def test_extract_then_cache_hit(sample):

@@ -104,8 +104,7 @@ def prepare_run(cfg: TrainConfig, store_root: str | Path, registry: dict[str, Te
     data_ref = {"store": str(store.root), "dataset_id": prepared.dataset_id, "widths": widths,
                 "splits": {n: s["sha256"] for n, s in prepared.manifest["splits"].items()},
                 "entries": {t: str(e.dir) for t, e in whole.items()}}
-    held_out_s = sum(r.seconds * (len(texts) - len(first)) / r.embedded + r.warm_seconds
-                     for r in extracted if r.embedded) if later else None
+    held_out_s = sum(r.seconds_for(len(texts) - len(first)) for r in extracted) if later else None
     return RunData(str(store.root), prepared.dataset_id, specs, rows, shards, data_ref, held_out_s)
 
 
