@@ -238,13 +238,13 @@ def probe_micro_batch(sizer: BatchSizer, run: Run, model, shard: Pairs, share: i
     pass_on = lambda n: probe_step(run.cfg, model, take(shard, torch.arange(n)), run.task_mode)  # noqa: E731
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         sizer.probe(pass_on, probe_size=size, parameters=list(run.student.parameters()))
-        seconds = []
-        for n in (max(1, size // 2), size):
+        half, seconds = max(1, size // 2), []
+        for n in (half, size):
             start = time.perf_counter()
             pass_on(n)
             seconds.append(time.perf_counter() - start)
-    per_sample = max(0.0, (seconds[1] - seconds[0]) / max(1, size - max(1, size // 2)))
-    fixed = max(0.0, seconds[0] - per_sample * max(1, size // 2))
+    per_sample = max(0.0, (seconds[1] - seconds[0]) / max(1, size - half))
+    fixed = max(0.0, seconds[0] - per_sample * half)
     return sizer.accumulation * fixed + per_sample * share
 
 

@@ -84,15 +84,20 @@ def asha(search: SearchConfig, space: SearchSpace, exp: Path, train_rows: int):
                          max_t=max(max_t, grace), grace_period=grace, reduction_factor=factor, stop_last_trials=False)
 
 
-def passed_rungs(scheduler, trial, result: dict) -> list[float]:
-    """The rungs below the highest that `result` reaches at which ASHA has not judged `trial` yet, lowest first
-    (Ray's ASHAScheduler keeps them in its trial's bracket: (rung, {trial id: score}), highest first)."""
+def reached_rungs(scheduler, trial, result: dict) -> list[tuple[float, dict]] | None:
+    """The rungs `result` has reached, lowest first, each (rung, {trial id: score}) as Ray's ASHAScheduler keeps them
+    in the trial's bracket (highest first there); None where ASHA would not judge the result."""
     bracket, clock = scheduler._trial_info.get(trial.trial_id), result.get(scheduler._time_attr)
     if bracket is None or clock is None or scheduler._metric not in result:
-        return []
-    reached = sorted(rung for rung, _ in bracket._rungs if rung <= clock)
-    judged = max((rung for rung, recorded in bracket._rungs if trial.trial_id in recorded), default=0.0)
-    return [rung for rung in reached[:-1] if rung > judged]
+        return None
+    return sorted(((rung, recorded) for rung, recorded in bracket._rungs if rung <= clock), key=lambda r: r[0])
+
+
+def passed_rungs(scheduler, trial, result: dict) -> list[float]:
+    """The rungs below the highest that `result` reaches at which ASHA has not judged `trial` yet, lowest first."""
+    reached = reached_rungs(scheduler, trial, result) or []
+    judged = max((rung for rung, recorded in reached if trial.trial_id in recorded), default=0.0)
+    return [rung for rung, _ in reached[:-1] if rung > judged]
 
 
 def untrained_verdict(scheduler, trial, result: dict) -> str:
@@ -101,12 +106,10 @@ def untrained_verdict(scheduler, trial, result: dict) -> str:
     It is recorded at no rung: an untrained score would lower the bar every later trial is held to there."""
     from ray.tune.schedulers import TrialScheduler
 
-    bracket, clock = scheduler._trial_info.get(trial.trial_id), result.get(scheduler._time_attr)
-    if bracket is None or clock is None or scheduler._metric not in result:
-        return TrialScheduler.CONTINUE
-    score = scheduler._metric_op * result[scheduler._metric]
-    for rung, recorded in sorted(bracket._rungs, key=lambda r: r[0]):
-        cutoff = bracket.cutoff(recorded) if rung <= clock else None
+    score = scheduler._metric_op * result.get(scheduler._metric, 0.0)
+    bracket = scheduler._trial_info.get(trial.trial_id)
+    for _, recorded in reached_rungs(scheduler, trial, result) or []:
+        cutoff = bracket.cutoff(recorded)
         if cutoff is not None and score < cutoff:
             scheduler._num_stopped += 1
             return TrialScheduler.STOP
